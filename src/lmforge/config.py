@@ -1,0 +1,230 @@
+"""Typed configs, one dataclass per concern, and how they are read, overridden, saved and compared.
+
+A run's config is `RunConfig(model, optim, train)`. It starts from a preset, then a JSON config file, then
+dotted overrides (`model.n_layer=6`), each value converted to the field's type; unknown fields and bad values
+raise `LMForgeError` naming the field. The resolved config is saved as the run dir's config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LMForgeError
+from lmforge.model.gpt import ModelConfig
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # applied to 2-D weights only, not to norms, biases or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise LMForgeError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, not {self.name!r}")
+        if self.schedule not in SCHEDULES:
+            raise LMForgeError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if not self.lr > 0:
+            raise LMForgeError(f"optim.lr must be positive, not {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise LMForgeError(f"optim.min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise LMForgeError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must not be negative")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0  # optimizer steps; 0 means "until the time budget"
+    time: float = 0.0  # wall-clock budget in seconds for this run; 0 means none
+    batch_size: int = 32  # sequences per optimizer step, across all micro-batches
+    micro_batch_size: int = 0  # sequences per forward pass; 0 means batch_size (no accumulation)
+    eval_every: int = 250
+    eval_batches: int = 20  # val batches per evaluation; 0 means the whole val split
+    save_every: int = 500
+    keep_last: int = 2  # checkpoints kept (the newest N)
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 0 or self.time < 0:
+            raise LMForgeError("train.max_steps and train.time must not be negative")
+        if self.batch_size < 1:
+            raise LMForgeError(f"train.batch_size must be at least 1, not {self.batch_size}")
+        micro = self.micro_batch_size or self.batch_size
+        if self.batch_size % micro:
+            raise LMForgeError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size ({micro})"
+            )
+        if self.eval_every < 1 or self.save_every < 1 or self.log_every < 1 or self.keep_last < 1:
+            raise LMForgeError("train.eval_every, save_every, log_every and keep_last must be at least 1")
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // (self.micro_batch_size or self.batch_size)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+    data: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        return apply_overrides(cls(), flatten(data))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LMForgeError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise LMForgeError(f"config {path} must hold a JSON object")
+        return cls.from_dict(data)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"n_layer": 4}} -> {"model.n_layer": 4}."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def field_types(cls=RunConfig, prefix: str = "") -> dict[str, type]:
+    """Every leaf field of the config tree by dotted name, with its Python type."""
+    hints = typing.get_type_hints(cls)
+    result: dict[str, type] = {}
+    for f in fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            result.update(field_types(kind, f"{prefix}{f.name}."))
+        else:
+            result[f"{prefix}{f.name}"] = kind
+    return result
+
+
+def convert(name: str, kind: type, value: Any) -> Any:
+    """Convert a string (from the command line) or JSON value to the field's type, or say what was expected."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise LMForgeError(f"{name} takes true or false, not {value!r}")
+    if kind is float and name == "train.time":
+        return parse_duration(value)
+    try:
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+    except (TypeError, ValueError):
+        raise LMForgeError(f"{name} takes {'an integer' if kind is int else 'a number'}, not {value!r}") from None
+    return str(value)
+
+
+def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """A new RunConfig with dotted overrides applied; each sub-config is validated again."""
+    types = field_types()
+    data = config.to_dict()
+    for name, value in overrides.items():
+        if name not in types:
+            close = [known for known in types if known.split(".")[-1] == name.split(".")[-1]]
+            hint = f"; did you mean {close[0]}?" if close else "; see lmforge train --help for the fields"
+            raise LMForgeError(f"unknown config field {name!r}{hint}")
+        *parents, leaf = name.split(".")
+        target = data
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = convert(name, types[name], value)
+    return RunConfig(
+        model=ModelConfig(**data["model"]),
+        optim=OptimConfig(**data["optim"]),
+        train=TrainConfig(**data["train"]),
+        preset=data["preset"],
+        data=data["data"],
+    )
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$")
+
+
+def parse_duration(value: Any) -> float:
+    """'90s', '5m', '1.5h' or a number of seconds -> seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise LMForgeError(f"cannot read duration {value!r}; write it like 90s, 5m or 1.5h")
+        unit = (match.group(2) or "s")[0]
+        seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[unit]
+    if seconds < 0:
+        raise LMForgeError(f"duration must not be negative, not {value!r}")
+    return seconds
+
+
+# Fields that may change when a run is resumed: they steer how long and how visibly it runs, not what it learns.
+RESUMABLE_CHANGES = {
+    "train.max_steps",
+    "train.time",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.save_every",
+    "train.keep_last",
+    "train.log_every",
+    "train.device",
+    "train.threads",
+}
+
+
+def conflicts(saved: RunConfig, requested: dict[str, Any]) -> list[str]:
+    """The explicitly requested fields that differ from a saved run's config and may not change on resume."""
+    saved_flat = flatten(saved.to_dict())
+    types = field_types()
+    problems = []
+    for name, value in requested.items():
+        if name in RESUMABLE_CHANGES or name not in saved_flat:
+            continue
+        if convert(name, types[name], value) != saved_flat[name]:
+            problems.append(f"{name}={value} (the run has {saved_flat[name]})")
+    return problems

@@ -1,0 +1,1 @@
+"""Data preparation: sources, named corpora, tokenizers, token shards and batch loading."""

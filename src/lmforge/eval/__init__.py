@@ -1,0 +1,1 @@
+"""Evaluation: language-model loss and perplexity (lm.py)."""

@@ -1,0 +1,286 @@
+"""The whole transformer in one file: config, norm, attention, MLP, block, GPT.
+
+Every architecture lmforge trains is this one module; the variants (GPT-2, Llama, BERT-style encoder) are
+config fields, not subclasses. The module holds no infrastructure: no optimizer, I/O, logging or
+distributed code lives here (see `lmforge.train`), and generation lives in `lmforge.generate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.errors import LMForgeError
+
+POS_EMBS = ("learned", "sinusoidal", "rope", "none")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu", "relu2")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0 means "take it from the data dir's tokenizer"
+    seq_len: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0  # 0 means n_head (plain multi-head attention); fewer gives GQA, 1 gives MQA
+    n_embd: int = 128
+    mlp_ratio: float = 4.0
+    pos_emb: str = "learned"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"
+    bias: bool = True
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    dropout: float = 0.0
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.pos_emb in POS_EMBS, f"model.pos_emb must be one of {', '.join(POS_EMBS)}, not {self.pos_emb!r}"),
+            (self.norm in NORMS, f"model.norm must be one of {', '.join(NORMS)}, not {self.norm!r}"),
+            (self.mlp in MLPS, f"model.mlp must be one of {', '.join(MLPS)}, not {self.mlp!r}"),
+            (self.n_layer >= 1, f"model.n_layer must be at least 1, not {self.n_layer}"),
+            (self.n_head >= 1, f"model.n_head must be at least 1, not {self.n_head}"),
+            (self.seq_len >= 1, f"model.seq_len must be at least 1, not {self.seq_len}"),
+            (self.vocab_size >= 0, f"model.vocab_size must be positive, not {self.vocab_size}"),
+            (
+                self.n_embd % self.n_head == 0,
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})",
+            ),
+            (
+                self.n_kv_head >= 0 and self.n_head % self.kv_heads == 0,
+                f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})",
+            ),
+            (0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), not {self.dropout}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LMForgeError(message)
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise LMForgeError(f"rope needs an even head size; n_embd/n_head is {self.head_dim}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        hidden = int(self.mlp_ratio * self.n_embd)
+        if self.mlp == "swiglu":  # keep the parameter count of a 2-matrix MLP, rounded to a multiple of 64
+            hidden = int(2 * hidden / 3)
+            hidden = 64 * ((hidden + 63) // 64)
+        return hidden
+
+
+def sinusoidal_table(seq_len: int, dim: int) -> torch.Tensor:
+    """The fixed positional encoding of "Attention Is All You Need": sin on even, cos on odd channels."""
+    position = torch.arange(seq_len, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(seq_len, dim)
+    table[:, 0::2] = torch.sin(position * div)
+    table[:, 1::2] = torch.cos(position * div)[:, : dim // 2]
+    return table
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, (seq_len, head_dim/2), in the half-split layout Llama uses."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, n_head, T, head_dim); cos/sin: (T, head_dim/2). Rotates pairs (i, i + head_dim/2).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Norm(nn.Module):
+    def __init__(self, dim: int, kind: str, eps: float, bias: bool):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias and kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return F.layer_norm(x, (x.size(-1),), self.weight, self.bias, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.causal, self.dropout = config.causal, config.dropout
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, config.kv_heads * self.head_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, config.kv_heads * self.head_dim, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        self.q_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, False) if config.qk_norm else None
+        self.k_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, False) if config.qk_norm else None
+
+    def forward(self, x, rope=None, cache=None, layer=0, pos=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, pos)  # (B, n_kv_head, pos + T, head_dim)
+        mask, is_causal = None, False
+        if self.causal:
+            if k.size(2) == T:
+                is_causal = True
+            elif T > 1:  # a chunk of new queries after cached keys: query i sees keys <= pos + i
+                key_pos = torch.arange(k.size(2), device=x.device)
+                mask = key_pos[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]
+        # The mask is applied to the scores before the softmax, inside scaled_dot_product_attention.
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, n_head, T, head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind = config.mlp
+        hidden = config.mlp_hidden
+        self.up_proj = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.gate_proj = nn.Linear(config.n_embd, hidden, bias=config.bias) if self.kind == "swiglu" else None
+        self.down_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        elif self.kind == "relu2":
+            h = F.relu(self.up_proj(x)).square()
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        self.attn = Attention(config)
+        self.mlp_norm = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, cache=None, layer=0, pos=0):
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, layer, pos))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size < 1:
+            raise LMForgeError("model.vocab_size is not set; it comes from the data dir's tokenizer")
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.seq_len, config.n_embd) if config.pos_emb == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        # Fixed tables are buffers, not parameters, and are not saved: they are a function of the config.
+        if config.pos_emb == "sinusoidal":
+            self.register_buffer("sin_table", sinusoidal_table(config.seq_len, config.n_embd), persistent=False)
+        if config.pos_emb == "rope":
+            cos, sin = rope_tables(config.seq_len, config.head_dim, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every parameter; called once at construction, never when weights are loaded.
+
+        - Linear weights and embeddings: normal(0, 0.02), as GPT-2.
+        - Output projections of attention and MLP (o_proj, down_proj): normal(0, 0.02 / sqrt(2 * n_layer)),
+          so the residual stream's variance does not grow with depth (GPT-2).
+        - Biases: zero. Norm weights: one, norm biases: zero.
+        - An untied lm_head: normal(0, 0.02) like the rest.
+        """
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, param in self.named_parameters():
+            if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+                param.copy_(torch.randn(param.shape, generator=generator) * residual_std)
+            elif param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+            elif "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.zero_()
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                total -= self.pos_emb.weight.numel()
+        return total
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward): 6 per weight plus attention's score and value matmuls."""
+        c = self.config
+        weights = self.num_params(non_embedding=True)
+        if not c.tie_embeddings:
+            weights -= self.lm_head.weight.numel()
+        weights += c.vocab_size * c.n_embd  # the output projection is a matmul per token, tied or not
+        attention = 12 * c.n_layer * c.n_embd * c.seq_len // (2 if c.causal else 1)
+        return 6 * weights + attention
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, pos: int = 0):
+        """idx: (B, T) token ids at positions pos..pos+T-1. Returns logits (B, T, vocab) and the loss if targets.
+
+        With targets, the loss is the mean cross-entropy over targets that are not -100.
+        """
+        B, T = idx.shape
+        if pos + T > self.config.seq_len:
+            raise LMForgeError(
+                f"sequence of {pos + T} tokens is longer than the model's context of {self.config.seq_len}"
+            )
+        x = self.tok_emb(idx)  # (B, T, n_embd)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
+        elif self.config.pos_emb == "sinusoidal":
+            x = x + self.sin_table[pos : pos + T].to(x.dtype)
+        rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]) if self.config.pos_emb == "rope" else None
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer, pos)
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss

@@ -1,0 +1,1 @@
+"""Training: the loop (trainer.py), optimizers, schedules, checkpoints and logs."""

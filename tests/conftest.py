@@ -1,0 +1,43 @@
+"""Shared fixtures: small corpora written by the tests, a prepared data dir and a trained tiny run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.prepare import prepare
+from lmforge.train.trainer import train
+
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "Ünïcödé line: café, naïve, 東京, emoji 🙂 and a tab\there.\n"
+) * 40
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory, corpus_file) -> Path:
+    out = tmp_path_factory.mktemp("data") / "char"
+    prepare([str(corpus_file)], out, tokenizer="char", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, char_data) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train(
+        str(char_data), out, preset="tiny", overrides={"train.max_steps": 30}, progress_bar=False, echo=lambda *a: None
+    )
+    return out
+
+
+def quiet(*args) -> None:
+    pass

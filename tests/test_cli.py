@@ -1,0 +1,114 @@
+"""The lmforge command as a user runs it: a real subprocess, exit codes, one-line errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+LMFORGE = [sys.executable, "-m", "lmforge.cli"]
+
+
+def run(*args, timeout=180, **kwargs):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([*LMFORGE, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_prepare_train_generate(tmp_path, corpus_file):
+    data, out = tmp_path / "data", tmp_path / "run"
+    result = run("prepare", corpus_file, "--out", data, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "train:" in result.stdout and "tokenizer: char" in result.stdout
+    result = run("train", "--data", data, "--out", out, "--preset", "tiny", "--max-steps", 12, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stdout and "checkpoint:" in result.stdout
+    result = run("generate", out, "--prompt", "First", "--max-new-tokens", 30, "--seed", 1, "--num-samples", 2)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("First") >= 2 and "sample 2" in result.stdout
+    # rerunning the finished command resumes, finds nothing to do, and succeeds
+    result = run("train", "--data", data, "--out", out, "--preset", "tiny", "--max-steps", 12, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "resuming at step 12" in result.stdout
+
+
+def test_every_subcommand_has_help():
+    for command in ("prepare", "train", "generate", "demo"):
+        result = run(command, "--help")
+        assert result.returncode == 0 and "usage:" in result.stdout
+    assert "--model.n_layer" in run("train", "--help").stdout
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, corpus_file):
+    root = tmp_path_factory.mktemp("cli")
+    run("prepare", corpus_file, "--out", root / "data", "--quiet")
+    run("train", "--data", root / "data", "--out", root / "run", "--preset", "tiny", "--max-steps", 5, "--quiet")
+    return root
+
+
+def bad_cases(root):
+    (root / "binary.txt").write_bytes(b"\xff\xfe\x00" * 10)
+    return [
+        (["prepare", root / "nope.txt", "--out", root / "o1"], "not found"),
+        (["prepare", root / "empty-dir-none", "--out", root / "o2"], "not found"),
+        (["prepare", "pydocs", "--out", root / "o3", "--tokenizer", "wordpiece"], "--tokenizer"),
+        (["prepare", "pydocs", "--out", root / "o4", "--val-fraction", "1.5"], "val-fraction"),
+        (["train", "--data", root / "data", "--out", root / "r1", "--preset", "huge"], "invalid choice"),
+        (["train", "--data", root / "data", "--out", root / "r2", "--model.n_layr", "2"], "unrecognized"),
+        (["train", "--data", root / "data", "--out", root / "r3", "--model.n_layer", "two"], "integer"),
+        (["train", "--data", root / "nodata", "--out", root / "r4"], "not a data dir"),
+        (["train", "--out", root / "r5"], "--data is required"),
+        (["train", "--data", root / "data", "--out", root / "run", "--model.n_embd", "64"], "differs"),
+        (["train", "--data", root / "data", "--out", root / "r6", "--time", "soon"], "duration"),
+        (["generate", root / "run", "--prompt", "\u2603 snowman"], "character"),
+        (["generate", root / "run", "--temperature", "-1"], "temperature"),
+        (["generate", root / "nothing"], "not a run dir"),
+    ]
+
+
+def test_bad_input_gets_one_line_and_exit_2(cli_run):
+    for args, message in bad_cases(cli_run):
+        result = run(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("lmforge: error:"), (args, result.stderr)
+        assert message in lines[0], (args, lines[0])
+        assert "Traceback" not in result.stderr
+    assert not any((cli_run / name).exists() for name in ("o1", "o2", "o3", "o4"))
+    assert not any((cli_run / name / "checkpoints").exists() for name in ("r1", "r2", "r3", "r4", "r5", "r6"))
+
+
+def test_sigkill_during_training_then_resume_matches_straight(tmp_path, char_data):
+    """Kill the trainer at random moments (including mid-save); the resumed run equals the straight one."""
+    import json
+    import random
+
+    common = ["--data", char_data, "--preset", "tiny", "--max-steps", 300, "--train.save_every", 7,
+              "--train.log_every", 1, "--train.eval_every", 50, "--train.threads", 1, "--quiet"]  # fmt: skip
+    straight = run("train", "--out", tmp_path / "straight", *common)
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(4):
+        proc = subprocess.Popen([*LMFORGE, "train", "--out", str(out), *map(str, common)], stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 6.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    final = run("train", "--out", out, *common)
+    assert final.returncode == 0, final.stderr
+    assert kills >= 1
+
+    def read(path):
+        return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+    ours = {r["step"]: r["loss"] for r in read(out) if "loss" in r}
+    theirs = {r["step"]: r["loss"] for r in read(tmp_path / "straight") if "loss" in r}
+    assert ours == theirs
+    a = (out / "checkpoints" / "step_000300" / "model.safetensors").read_bytes()
+    b = (tmp_path / "straight" / "checkpoints" / "step_000300" / "model.safetensors").read_bytes()
+    assert a == b
