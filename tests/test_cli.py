@@ -1,6 +1,8 @@
 """The lmforge command as a user runs it: a real subprocess, exit codes, one-line errors."""
 
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -80,10 +82,21 @@ def test_bad_input_gets_one_line_and_exit_2(cli_run):
     assert not any((cli_run / name / "checkpoints").exists() for name in ("r1", "r2", "r3", "r4", "r5", "r6"))
 
 
+def last_step(run_dir) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError):
+            continue
+    return 0
+
+
 def test_sigkill_during_training_then_resume_matches_straight(tmp_path, char_data):
     """Kill the trainer at random moments (including mid-save); the resumed run equals the straight one."""
-    import json
-    import random
 
     common = ["--data", char_data, "--preset", "tiny", "--max-steps", 300, "--train.save_every", 7,
               "--train.log_every", 1, "--train.eval_every", 50, "--train.threads", 1, "--quiet"]  # fmt: skip
@@ -91,17 +104,21 @@ def test_sigkill_during_training_then_resume_matches_straight(tmp_path, char_dat
     assert straight.returncode == 0, straight.stderr
     out = tmp_path / "killed"
     rng = random.Random(0)
-    kills = 0
+    kills, target = 0, 0
     for _ in range(4):
+        target += rng.randint(20, 60)
         proc = subprocess.Popen([*LMFORGE, "train", "--out", str(out), *map(str, common)], stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.0, 6.0))
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline and last_step(out) < target:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.03))  # land anywhere in a step, a log write or a checkpoint save
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
     final = run("train", "--out", out, *common)
     assert final.returncode == 0, final.stderr
-    assert kills >= 1
+    assert kills == 4
 
     def read(path):
         return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]

@@ -17,7 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from lmforge.errors import LMForgeError
 
 EOT = "<|endoftext|>"
-SPECIAL_TOKENS = [EOT, "<|pad|>", "<|im_start|>", "<|im_end|>"]
+SPECIAL_TOKENS = [EOT, "<|pad|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
 
 
 class Tokenizer:

@@ -74,7 +74,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, state: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest keep_last complete ones."""
+    """Write checkpoint `step` atomically, then delete all but the newest keep_last complete ones.
+
+    optimizer may be None (an imported or exported model): the checkpoint then holds the weights only.
+    """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
@@ -83,8 +86,11 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, state: dic
     tmp.mkdir()
     try:
         save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        files = {name: (tmp / name).stat().st_size for name in ("model.safetensors", "optimizer.pt")}
+        names = ["model.safetensors"]
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            names.append("optimizer.pt")
+        files = {name: (tmp / name).stat().st_size for name in names}
         state = {**state, "step": step, "files": files, "rng": rng_state()}
         (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         for name in (*files, "state.json"):
@@ -140,6 +146,8 @@ def load(path: Path, model: torch.nn.Module, optimizer=None) -> dict:
     state = read_state(path)
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
     if optimizer is not None:
+        if "optimizer.pt" not in state["files"]:
+            raise ValueError("it holds weights only (no optimizer.pt), so training cannot resume from it")
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     return state
 
