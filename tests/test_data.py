@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lmforge.data import corpora
 from lmforge.data.loader import DataDir
@@ -140,8 +141,11 @@ def test_existing_output_is_not_overwritten(tmp_path, corpus_file):
 
 def test_train_batches_depend_only_on_seed_and_step(char_data):
     data = DataDir(char_data)
-    a = data.train_batch(5, 0, 4, 16, seed=1)
-    b = data.train_batch(5, 0, 4, 16, seed=1)
-    c = data.train_batch(6, 0, 4, 16, seed=1)
+    a = data.train_batch(5, 0, 4, 8, 16, seed=1)
+    b = data.train_batch(5, 0, 4, 8, 16, seed=1)
+    c = data.train_batch(6, 0, 4, 8, 16, seed=1)
     assert a[0].equal(b[0]) and not a[0].equal(c[0])
     assert a[0][:, 1:].equal(a[1][:, :-1])  # targets are inputs shifted by one
+    # the two parts of a global batch of 8 are the halves of the whole batch drawn in one part
+    whole = data.train_batch(5, 0, 8, 8, 16, seed=1)[0]
+    assert torch.equal(torch.cat([a[0], data.train_batch(5, 1, 4, 8, 16, seed=1)[0]]), whole)

@@ -148,7 +148,8 @@ def cmd_train(args) -> None:
         overrides=train_overrides(args),
         progress_bar=not args.quiet,
     )
-    print_result(result)
+    if result["rank"] == 0:
+        print_result(result)
 
 
 def print_result(result: dict) -> None:

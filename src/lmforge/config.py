@@ -18,18 +18,24 @@ from typing import Any
 from lmforge.errors import LMForgeError
 from lmforge.model.gpt import ModelConfig
 
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "sgd", "muon")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OBJECTIVES = ("clm", "mlm")
+DIST_MODES = ("ddp", "fsdp")
+LOGGERS = ("tensorboard", "wandb")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw, sgd, or muon (Muon for 2-D hidden weights, AdamW for the rest)
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
-    schedule: str = "cosine"
+    schedule: str = "cosine"  # cosine, linear, wsd (warmup-stable-decay) or constant, each after the warmup
     warmup_steps: int = 100
-    weight_decay: float = 0.1  # applied to 2-D weights only, not to norms, biases or embeddings
+    decay_fraction: float = 0.2  # wsd: the final share of the run spent decaying
+    weight_decay: float = 0.1  # L2, applied to 2-D weights only, not to norms, biases or embeddings
+    l1: float = 0.0  # L1 penalty on the same 2-D weights, added to the loss
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8
@@ -46,16 +52,19 @@ class OptimConfig:
             raise LMForgeError(f"optim.lr must be positive, not {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise LMForgeError(f"optim.min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise LMForgeError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must not be negative")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.l1 < 0:
+            raise LMForgeError("optim.warmup_steps, weight_decay, l1 and grad_clip must not be negative")
+        if not 0 < self.decay_fraction <= 1:
+            raise LMForgeError(f"optim.decay_fraction must be in (0, 1], not {self.decay_fraction}")
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 0  # optimizer steps; 0 means "until the time budget"
     time: float = 0.0  # wall-clock budget in seconds for this run; 0 means none
-    batch_size: int = 32  # sequences per optimizer step, across all micro-batches
-    micro_batch_size: int = 0  # sequences per forward pass; 0 means batch_size (no accumulation)
+    batch_size: int = 32  # sequences per optimizer step, across all micro-batches and processes
+    batch_tokens: int = 0  # if set, the batch in tokens: batch_size = batch_tokens // model.seq_len
+    micro_batch_size: int = 0  # sequences per forward pass per process; 0 means as large as the batch allows
     eval_every: int = 250
     eval_batches: int = 20  # val batches per evaluation; 0 means the whole val split
     save_every: int = 500
@@ -64,23 +73,75 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 (autocast), fp16 (autocast + scaler, CUDA)
+    compile: bool = False  # torch.compile the model
+    objective: str = "clm"  # clm: next-token prediction; mlm: masked tokens, for encoders (model.causal false)
+    mlm_probability: float = 0.15
+    label_smoothing: float = 0.0
+    max_bad_steps: int = 5  # stop after this many NaN/inf steps in a row (each is skipped)
+    dist: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2 fully_shard)
+    log: str = ""  # extra loggers, comma-separated: tensorboard, wandb
+    deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise-repeatable runs
 
     def __post_init__(self) -> None:
+        choices = [
+            ("train.precision", self.precision, PRECISIONS),
+            ("train.objective", self.objective, OBJECTIVES),
+            ("train.dist", self.dist, DIST_MODES),
+        ]
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise LMForgeError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        for logger in filter(None, self.log.split(",")):
+            if logger.strip() not in LOGGERS:
+                raise LMForgeError(f"train.log takes {', '.join(LOGGERS)} (comma-separated), not {logger!r}")
+        if not 0 < self.mlm_probability < 1 or not 0 <= self.label_smoothing < 1:
+            raise LMForgeError("train.mlm_probability must be in (0, 1) and train.label_smoothing in [0, 1)")
+        if self.max_bad_steps < 1 or self.batch_tokens < 0:
+            raise LMForgeError("train.max_bad_steps must be at least 1 and train.batch_tokens not negative")
         if self.max_steps < 0 or self.time < 0:
             raise LMForgeError("train.max_steps and train.time must not be negative")
         if self.batch_size < 1:
             raise LMForgeError(f"train.batch_size must be at least 1, not {self.batch_size}")
-        micro = self.micro_batch_size or self.batch_size
-        if self.batch_size % micro:
-            raise LMForgeError(
-                f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size ({micro})"
-            )
         if self.eval_every < 1 or self.save_every < 1 or self.log_every < 1 or self.keep_last < 1:
             raise LMForgeError("train.eval_every, save_every, log_every and keep_last must be at least 1")
 
-    @property
-    def accumulation(self) -> int:
-        return self.batch_size // (self.micro_batch_size or self.batch_size)
+
+@dataclass
+class EarlyStopConfig:
+    patience: int = 0  # evaluations without improvement before stopping; 0 disables early stopping
+    min_delta: float = 0.0  # an improvement smaller than this does not count
+
+    def __post_init__(self) -> None:
+        if self.patience < 0 or self.min_delta < 0:
+            raise LMForgeError("early_stop.patience and early_stop.min_delta must not be negative")
+
+
+@dataclass
+class BatchPlan:
+    """How a step's batch is cut: sequences per step, per forward pass, and forward passes per process."""
+
+    batch_size: int
+    micro_batch_size: int
+    accumulation: int
+    world_size: int
+
+    @classmethod
+    def derive(cls, train: TrainConfig, seq_len: int, world_size: int = 1) -> BatchPlan:
+        batch = train.batch_tokens // seq_len if train.batch_tokens else train.batch_size
+        if batch < world_size:
+            raise LMForgeError(
+                f"a batch of {batch} sequences cannot be split over {world_size} processes; raise train.batch_size"
+            )
+        if batch % world_size:
+            raise LMForgeError(f"the batch of {batch} sequences must be a multiple of the {world_size} processes")
+        per_rank = batch // world_size
+        micro = min(train.micro_batch_size or per_rank, per_rank)
+        if per_rank % micro:
+            raise LMForgeError(
+                f"the per-process batch ({per_rank} sequences) must be a multiple of train.micro_batch_size ({micro})"
+            )
+        return cls(batch, micro, per_rank // micro, world_size)
 
 
 @dataclass
@@ -88,6 +149,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     preset: str = ""
     data: str = ""
 
@@ -180,6 +242,7 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
         model=ModelConfig(**data["model"]),
         optim=OptimConfig(**data["optim"]),
         train=TrainConfig(**data["train"]),
+        early_stop=EarlyStopConfig(**data["early_stop"]),
         preset=data["preset"],
         data=data["data"],
     )
@@ -214,6 +277,10 @@ RESUMABLE_CHANGES = {
     "train.log_every",
     "train.device",
     "train.threads",
+    "train.compile",
+    "train.log",
+    "early_stop.patience",
+    "early_stop.min_delta",
 }
 
 

@@ -37,13 +37,17 @@ class DataDir:
                 f"use a larger corpus or a shorter context (--model.seq_len {max(8, n // 2)})"
             )
 
-    def train_batch(self, step: int, micro_step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0):
-        """(inputs, targets), each (batch_size, seq_len) int64, for this step, micro-step and rank."""
+    def train_batch(self, step: int, part: int, micro_batch: int, batch_size: int, seq_len: int, seed: int):
+        """(inputs, targets), each (micro_batch, seq_len) int64: part `part` of step `step`'s global batch.
+
+        The global batch (batch_size windows) is drawn from (seed, step) alone and cut into parts of micro_batch
+        rows; part = micro_step * world_size + rank. So one process accumulating two parts sees exactly the
+        rows that two processes see at once.
+        """
         split = self.splits["train"]
         n_windows = int(split.window_starts(seq_len + 1).sum())
-        rng = np.random.default_rng([seed, step, micro_step, rank])
-        rows = split.windows(rng.integers(0, n_windows, size=batch_size), seq_len + 1)
-        rows = torch.from_numpy(rows)
+        starts = np.random.default_rng([seed, step]).integers(0, n_windows, size=batch_size)
+        rows = torch.from_numpy(split.windows(starts[part * micro_batch : (part + 1) * micro_batch], seq_len + 1))
         return rows[:, :-1], rows[:, 1:]
 
     def eval_batches(
@@ -64,3 +68,29 @@ class DataDir:
                 yield rows[:, :-1], rows[:, 1:]
                 if max_batches is not None:
                     max_batches -= 1
+
+
+def mask_tokens(
+    rows: torch.Tensor, vocab_size: int, mask_id: int, special_ids: list[int], probability: float, generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT-style masked-LM inputs and targets from token rows.
+
+    Each non-special token is chosen with `probability`; a chosen token becomes <|mask|> 80% of the time, a
+    random token 10% and stays itself 10%. Targets hold the original id at chosen positions and -100 elsewhere.
+    At least one position per row is chosen, so every row contributes to the loss.
+    """
+    chosen = torch.rand(rows.shape, generator=generator) < probability
+    special = torch.isin(rows, torch.tensor(special_ids, dtype=rows.dtype))
+    chosen &= ~special
+    empty = ~chosen.any(dim=1)
+    if empty.any():
+        scores = torch.rand(rows.shape, generator=generator).masked_fill(special, -1.0)
+        first = scores.argmax(dim=1)
+        chosen[empty, first[empty]] = ~special[empty, first[empty]]
+    targets = torch.where(chosen, rows, torch.full_like(rows, -100))
+    roll = torch.rand(rows.shape, generator=generator)
+    inputs = rows.clone()
+    inputs[chosen & (roll < 0.8)] = mask_id
+    random_pick = chosen & (roll >= 0.8) & (roll < 0.9)
+    inputs[random_pick] = torch.randint(0, vocab_size, (int(random_pick.sum()),), generator=generator)
+    return inputs, targets

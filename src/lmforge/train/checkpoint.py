@@ -19,7 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from lmforge.errors import LMForgeError
 
@@ -73,37 +82,101 @@ def set_rng_state(state: dict) -> None:
         )
 
 
-def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer, state: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest keep_last complete ones.
+def _optimizer_list(optimizer) -> list:
+    if optimizer is None:
+        return []
+    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
 
-    optimizer may be None (an imported or exported model): the checkpoint then holds the weights only.
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors file of a full state dict; a tensor shared under two names (tied weights) is stored once."""
+    seen: dict[tuple, str] = {}
+    unique, aliases = {}, {}
+    for name, tensor in tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        unique[name] = tensor.detach().contiguous()
+    save_file(unique, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for name, original in aliases.items():
+        tensors[name] = tensors[original]
+    return tensors
+
+
+def save(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer,
+    state: dict,
+    keep_last: int,
+    protect: tuple[int, ...] = (),
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest keep_last complete ones (and `protect`).
+
+    optimizer may be one optimizer, a list of them, or None (an imported or exported model: weights only).
+    Under torchrun every rank calls this (FSDP gathers the full state); only rank 0 writes.
     """
+    optimizers = _optimizer_list(optimizer)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=full)
+    optim_state = get_optimizer_state_dict(model, optimizers, options=full) if optimizers else None
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
+    error = None
+    if _is_main():
+        try:
+            _write(root, final, step, model_state, optim_state, state)
+            prune(root, keep_last, protect)
+        except OSError as exc:
+            error = exc
+    _barrier()
+    if error is not None:
+        raise LMForgeError(f"cannot write checkpoint {final}: {error}; earlier checkpoints are untouched") from error
+    return final
+
+
+def _write(root: Path, final: Path, step: int, model_state: dict, optim_state: dict | None, state: dict) -> None:
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{step_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_weights(model_state, tmp / "model.safetensors")
         names = ["model.safetensors"]
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optim_state is not None:
+            torch.save(optim_state, tmp / "optimizer.pt")
             names.append("optimizer.pt")
         files = {name: (tmp / name).stat().st_size for name in names}
         state = {**state, "step": step, "files": files, "rng": rng_state()}
         (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         for name in (*files, "state.json"):
             _fsync_file(tmp / name)
-        if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
-            shutil.rmtree(final)
+        if final.exists():  # a checkpoint of this step from an earlier attempt: move it aside, then drop it
+            doomed = root / f".tmp-deleting-{final.name}-{os.getpid()}"
+            os.replace(final, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(root)
-    except OSError as exc:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise LMForgeError(f"cannot write checkpoint {final}: {exc}; earlier checkpoints are untouched") from exc
-    prune(root, keep_last)
-    return final
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -123,9 +196,12 @@ def remove_partial(run_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def prune(root: Path, keep_last: int) -> None:
+def prune(root: Path, keep_last: int, protect: tuple[int, ...] = ()) -> None:
     checkpoints = complete_checkpoints(root.parent)
-    for old in checkpoints[: max(0, len(checkpoints) - keep_last)]:
+    keep = {p.name for p in checkpoints[-keep_last:]} | {step_name(step) for step in protect}
+    for old in checkpoints:
+        if old.name in keep:
+            continue
         # Rename first so a crash mid-delete leaves a .tmp dir (cleaned later), never a partial step_ dir.
         doomed = root / f".tmp-deleting-{old.name}"
         os.replace(old, doomed)
@@ -142,13 +218,16 @@ def read_state(path: Path) -> dict:
 
 
 def load(path: Path, model: torch.nn.Module, optimizer=None) -> dict:
-    """Load a checkpoint into model (and optimizer); raise ValueError/OSError if any part is damaged."""
+    """Load a checkpoint into model (and optimizers); raise ValueError/OSError if any part is damaged."""
     state = read_state(path)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
-    if optimizer is not None:
+    weights = load_weights(path / "model.safetensors")
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
+    optimizers = _optimizer_list(optimizer)
+    if optimizers:
         if "optimizer.pt" not in state["files"]:
             raise ValueError("it holds weights only (no optimizer.pt), so training cannot resume from it")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        optim_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        set_optimizer_state_dict(model, optimizers, optim_state, options=StateDictOptions(full_state_dict=True))
     return state
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
+
+from lmforge.errors import LMForgeError
 
 
 class MetricsLog:
@@ -57,3 +60,81 @@ class MetricsLog:
         plt.close(fig)
         os.replace(tmp, path)
         return path
+
+
+class Loggers:
+    """Optional TensorBoard and Weights & Biases sinks for the same records as metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, names: str, config: dict):
+        self.tensorboard = self.wandb = None
+        wanted = {n.strip() for n in names.split(",") if n.strip()}
+        if "tensorboard" in wanted:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise LMForgeError(
+                    "--train.log tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from exc
+            self.tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        if "wandb" in wanted:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise LMForgeError("--train.log wandb needs the wandb package: pip install wandb") from exc
+            self.wandb = wandb.init(project="lmforge", dir=str(run_dir), name=Path(run_dir).name, config=config)
+
+    def write(self, record: dict) -> None:
+        step = record.get("step", 0)
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# Dense bf16 peak FLOP/s of common accelerators (vendor datasheets, without sparsity).
+ACCELERATOR_PEAKS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "4090": 165e12,
+    "3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+def peak_flops(device) -> float:
+    """Peak FLOP/s for MFU: the accelerator's datasheet figure, or on CPU a matmul probe measured once."""
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((peak for key, peak in ACCELERATOR_PEAKS.items() if key in name), 0.0)
+    if device.type != "cpu":
+        return 0.0
+    global _cpu_peak
+    if _cpu_peak is None:
+        size = 512
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        for _ in range(3):
+            a @ b
+        start, runs = time.perf_counter(), 0
+        while time.perf_counter() - start < 0.2:
+            a @ b
+            runs += 1
+        _cpu_peak = 2 * size**3 * runs / (time.perf_counter() - start)
+    return _cpu_peak
+
+
+_cpu_peak: float | None = None

@@ -1,7 +1,9 @@
 """Optimizers and their parameter groups, built from outside the model.
 
-Weight decay applies to the 2-D matrices of attention and MLP only; norms, biases and embeddings (and a head
-tied to them) are not decayed, as in GPT-2/nanoGPT practice.
+Weight decay (and the optional L1 penalty) applies to the 2-D matrices of attention and MLP only; norms,
+biases and embeddings (and a head tied to them) are not decayed, as in GPT-2/nanoGPT practice. Muon
+orthogonalises the updates of those hidden matrices and AdamW updates everything else; its learning rate is
+matched to AdamW's update size, so one `optim.lr` serves both.
 """
 
 from __future__ import annotations
@@ -11,25 +13,33 @@ import torch
 from lmforge.config import OptimConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay, seen = [], [], set()
+def split_params(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(hidden 2-D weight matrices, everything else), each parameter once even when tied."""
+    hidden, rest, seen = [], [], set()
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for param in model.parameters():
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (hidden if param.dim() == 2 and id(param) not in embeddings else rest).append(param)
+    return hidden, rest
 
 
-def build_optimizer(model: torch.nn.Module, config: OptimConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
-    groups = param_groups(model, config.weight_decay)
+def build_optimizers(model: torch.nn.Module, config: OptimConfig, device_type: str = "cpu") -> list:
+    hidden, rest = split_params(model)
     if config.name == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
-    return torch.optim.AdamW(
-        groups,
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        eps=config.eps,
-        fused=device_type == "cuda" or None,
-    )
+        groups = [{"params": hidden, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        return [torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)]
+    adamw = {"lr": config.lr, "betas": (config.beta1, config.beta2), "eps": config.eps}
+    if device_type == "cuda":
+        adamw["fused"] = True
+    if config.name == "muon":
+        muon = torch.optim.Muon(hidden, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw")
+        return [muon, torch.optim.AdamW([{"params": rest, "weight_decay": 0.0}], **adamw)]
+    groups = [{"params": hidden, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return [torch.optim.AdamW(groups, **adamw)]
+
+
+def l1_penalty(model: torch.nn.Module) -> torch.Tensor:
+    hidden, _ = split_params(model)
+    return sum(p.abs().sum() for p in hidden)

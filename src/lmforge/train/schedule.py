@@ -28,6 +28,9 @@ def lr_at(config: OptimConfig, step: int, done: float) -> float:
         factor = config.lr
     elif config.schedule == "linear":
         factor = low + (config.lr - low) * (1.0 - done)
+    elif config.schedule == "wsd":  # stable at lr, then a linear decay over the last decay_fraction of the run
+        decay_start = 1.0 - config.decay_fraction
+        factor = config.lr if done <= decay_start else low + (config.lr - low) * (1.0 - done) / config.decay_fraction
     else:
         factor = low + (config.lr - low) * 0.5 * (1.0 + math.cos(math.pi * done))
     return factor * warmup
