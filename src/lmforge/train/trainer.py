@@ -43,10 +43,19 @@ def file_sha256(path: Path) -> str:
 
 
 def resolve_config(
-    out: Path, data: str | None, preset: str | None, config_file: str | None, overrides: dict[str, Any]
+    out: Path,
+    data: str | None,
+    preset: str | None,
+    config_file: str | None,
+    overrides: dict[str, Any],
+    depth: int | None = None,
 ) -> tuple[RunConfig, bool]:
-    """The run's config and whether it continues an existing run dir."""
-    requested: dict[str, Any] = {}
+    """The run's config and whether it continues an existing run dir.
+
+    Later sources win: the preset (demo when neither a preset nor --depth is given), the sizes --depth derives,
+    the config file, then the dotted overrides.
+    """
+    requested: dict[str, Any] = presets.from_depth(depth) if depth is not None else {}
     if config_file:
         requested.update(_read_config_file(config_file))
     requested.update(overrides)
@@ -75,9 +84,15 @@ def resolve_config(
         return apply_overrides(saved, requested), True
     if not data:
         raise LMForgeError("--data is required for a new run; create a data dir with lmforge prepare")
-    base = presets.get(preset or "demo")
+    base = presets.get(preset) if preset else {} if depth is not None else presets.get("demo")
+    if depth is not None and not preset:
+        base = {"preset": f"depth{depth}"}
     config = apply_overrides(RunConfig(), {**base, **requested, "data": str(Path(data).resolve())})
     return config, False
+
+
+def config_value(config: RunConfig, dotted: str) -> Any:
+    return flatten(config.to_dict())[dotted]
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -144,10 +159,17 @@ def train(
     overrides: dict[str, Any] | None = None,
     progress_bar: bool = True,
     echo=print,
+    depth: int | None = None,
 ) -> dict:
-    """Train (or resume) the run in `out`; return a summary dict of the finished run."""
+    """Train (or resume) the run in `out`; return a summary dict of the finished run.
+
+    depth: the one size dial (presets.from_depth); the values it derives are printed at the start.
+    """
     out = Path(out)
-    config, resuming = resolve_config(out, data, preset, config_file, dict(overrides or {}))
+    config, resuming = resolve_config(out, data, preset, config_file, dict(overrides or {}), depth)
+    if depth is not None and int(os.environ.get("RANK", "0")) == 0:
+        derived = presets.from_depth(depth)
+        echo(f"depth {depth}: " + " ".join(f"{k.split('.')[-1]}={config_value(config, k)}" for k in derived))
     info, device = dist.setup(config.train.device)
     try:
         return _train(out, config, resuming, info, device, progress_bar, echo)
