@@ -10,6 +10,7 @@ the previous one. The optimizer state is loaded with `weights_only=True`: no pic
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -55,6 +56,14 @@ def _fsync_file(path: Path) -> None:
 def _numpy_state() -> dict:
     _, key, *rest = np.random.get_state(legacy=True)
     return {"key": key.tolist(), "rest": [int(rest[0]), int(rest[1]), float(rest[2])]}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def rng_state() -> dict:
@@ -165,7 +174,8 @@ def _write(root: Path, final: Path, step: int, model_state: dict, optim_state: d
             torch.save(optim_state, tmp / "optimizer.pt")
             names.append("optimizer.pt")
         files = {name: (tmp / name).stat().st_size for name in names}
-        state = {**state, "step": step, "files": files, "rng": rng_state()}
+        digests = {name: sha256_file(tmp / name) for name in names}
+        state = {**state, "step": step, "files": files, "sha256": digests, "rng": rng_state()}
         (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         for name in (*files, "state.json"):
             _fsync_file(tmp / name)
@@ -214,6 +224,9 @@ def read_state(path: Path) -> dict:
         actual = (path / name).stat().st_size
         if actual != size:
             raise ValueError(f"{name} has {actual} bytes, state.json says {size}")
+    for name, digest in state.get("sha256", {}).items():  # catches bit flips that keep the size
+        if sha256_file(path / name) != digest:
+            raise ValueError(f"{name} does not match its sha256 in state.json")
     return state
 
 
