@@ -1,8 +1,9 @@
 """Typed configs, one dataclass per concern, and how they are read, overridden, saved and compared.
 
-A run's config is `RunConfig(model, optim, train)`. It starts from a preset, then a JSON config file, then
-dotted overrides (`model.n_layer=6`), each value converted to the field's type; unknown fields and bad values
-raise `LMForgeError` naming the field. The resolved config is saved as the run dir's config.json.
+A run's config is `RunConfig(model, optim, train, early_stop, finetune, lora)`. It starts from a preset, then a
+JSON config file, then dotted overrides (`model.n_layer=6`), each value converted to the field's type; unknown fields
+and bad values raise `LMForgeError` naming the field. The resolved config is saved as the run dir's config.json; a
+config.json written before a section existed reads that section's defaults.
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from lmforge.model.gpt import ModelConfig
 OPTIMIZERS = ("adamw", "sgd", "muon")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-OBJECTIVES = ("clm", "mlm")
+OBJECTIVES = ("clm", "mlm", "sft", "classify")
 DIST_MODES = ("ddp", "fsdp")
 LOGGERS = ("tensorboard", "wandb")
+SFT_FORMATS = ("auto", "prompt", "chat", "translation", "summarization", "qa")
+OVERFLOW_POLICIES = ("truncate", "skip", "error")
+SAMPLERS = ("random", "balanced")
+POOLINGS = ("auto", "last", "mean")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
 
 
 @dataclass
@@ -75,7 +81,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 (autocast), fp16 (autocast + scaler, CUDA)
     compile: bool = False  # torch.compile the model
-    objective: str = "clm"  # clm: next-token prediction; mlm: masked tokens, for encoders (model.causal false)
+    objective: str = "clm"  # clm: next-token prediction; mlm: masked tokens (encoders); sft, classify: fine-tuning
     mlm_probability: float = 0.15
     label_smoothing: float = 0.0
     max_bad_steps: int = 5  # stop after this many NaN/inf steps in a row (each is skipped)
@@ -118,6 +124,79 @@ class EarlyStopConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """What a fine-tune run learns from: its base run, its records and how they become sequences or labels."""
+
+    base: str = ""  # the run dir whose newest checkpoint's weights the run started from (set by lmforge finetune)
+    data: str = ""  # JSONL of training records
+    data_sha256: str = ""  # set by lmforge: the records' hash, so a resumed run trains on the same ones
+    val_data: str = ""  # JSONL of validation records; empty: hold out val_fraction of the training records
+    val_fraction: float = 0.1
+    format: str = "auto"  # sft records: auto (from the first record's fields), prompt, chat, translation, ...
+    fields: str = ""  # record keys for the format's roles, e.g. "source=en,target=fr" or "label=sentiment"
+    template: str = ""  # the prompt made from a record, with {role} slots; empty: the format's default
+    chat: bool = False  # render prompt/response records as a one-turn ChatML conversation
+    overflow: str = "truncate"  # a record longer than the context: truncate (see data/sft.py), skip, or error
+    class_weights: str = ""  # classify: "" (none), "balanced", or one weight per label in label order: "1,5"
+    sampler: str = "random"  # classify: random (shuffled epochs) or balanced (every class equally often)
+    pooling: str = "auto"  # classify: auto (last token for causal models, mean for encoders), last, or mean
+
+    def __post_init__(self) -> None:
+        choices = [
+            ("finetune.format", self.format, SFT_FORMATS),
+            ("finetune.overflow", self.overflow, OVERFLOW_POLICIES),
+            ("finetune.sampler", self.sampler, SAMPLERS),
+            ("finetune.pooling", self.pooling, POOLINGS),
+        ]
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise LMForgeError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise LMForgeError(f"finetune.val_fraction must be in [0, 1), not {self.val_fraction}")
+        if self.class_weights not in ("", "balanced"):
+            try:
+                weights = [float(w) for w in self.class_weights.split(",")]
+            except ValueError:
+                weights = []
+            if not weights or not all(w > 0 for w in weights):
+                raise LMForgeError(
+                    "finetune.class_weights takes balanced or positive numbers in label order, like 1,5; "
+                    f"not {self.class_weights!r}"
+                )
+        for item in filter(None, self.fields.split(",")):
+            role, sep, key = item.partition("=")
+            if not sep or not role.strip() or not key.strip():
+                raise LMForgeError(f"finetune.fields takes role=key pairs, like source=en,target=fr; not {item!r}")
+
+    def field_map(self) -> dict[str, str]:
+        """{role: record key} from `fields`."""
+        pairs = (item.partition("=") for item in filter(None, self.fields.split(",")))
+        return {role.strip(): key.strip() for role, _, key in pairs}
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0: full fine-tuning; N > 0: train rank-N adapters on the target modules, the rest frozen
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input
+    targets: str = "q_proj,v_proj"  # comma-separated module names (q_proj k_proj v_proj o_proj up_proj ...) or all
+
+    def __post_init__(self) -> None:
+        if self.rank < 0 or not self.alpha > 0 or not 0 <= self.dropout < 1:
+            raise LMForgeError("lora.rank must not be negative, lora.alpha must be positive, lora.dropout in [0, 1)")
+        unknown = [t for t in self.target_names() if t not in LORA_TARGETS]
+        if unknown or not self.target_names():
+            raise LMForgeError(
+                f"lora.targets takes all or names from {', '.join(LORA_TARGETS)}, comma-separated; not {self.targets!r}"
+            )
+
+    def target_names(self) -> list[str]:
+        if self.targets.strip() == "all":
+            return list(LORA_TARGETS)
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+
+@dataclass
 class BatchPlan:
     """How a step's batch is cut: sequences per step, per forward pass, and forward passes per process."""
 
@@ -150,6 +229,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     preset: str = ""
     data: str = ""
 
@@ -243,6 +324,8 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
         optim=OptimConfig(**data["optim"]),
         train=TrainConfig(**data["train"]),
         early_stop=EarlyStopConfig(**data["early_stop"]),
+        finetune=FinetuneConfig(**data["finetune"]),
+        lora=LoraConfig(**data["lora"]),
         preset=data["preset"],
         data=data["data"],
     )

@@ -1,125 +1,799 @@
-"""Text generation outside the model: a pure sampler, KV-cached decoding, and streaming.
+"""Text generation outside the model: a sampler, a batched KV-cached decoder, beam search and streaming.
 
-`sample()` turns logits into token ids and touches no state but its generator. `generate_tokens()` is a
-generator that yields one column of new token ids per step, decoding with a preallocated KV cache (or, with
-use_cache=False, recomputing the whole window each step: the reference the cached path is tested against).
+Top to bottom:
+- `SamplingParams`: every setting of one request, validated once, with messages that say what to do.
+- `sample()`: logits -> token ids. Pure but for its random generators; parameters may differ per row, so one
+  call serves a batch of requests that asked for different things.
+- `forward_rows()`: the model's forward pass for rows at *different* positions (prompts of different lengths,
+  requests that joined at different steps), each reading and writing its own row of a preallocated `KVCache`.
+  `GPT.forward` takes one position for the whole batch; this reuses the model's modules and is tested equal to it.
+- `Sequence`: one prompt being continued: its tokens, random generator, text, stop conditions and log-probs.
+- `Engine`: continuous batching. Sequences join and leave between steps and every step decodes one token for
+  all of them in one forward pass. The Python API, the CLI, the chat and the server all drive this one class.
+- `generate()`, `stream()`, `beam_search()`: the entry points.
 
-When a sequence reaches the model's context, the window slides: the newest half of the context is kept and
-re-encoded, and decoding goes on. Both paths slide at the same steps, so they stay token-for-token equal.
+The context: a prompt must leave room for at least one new token, else it is an error (or, with
+`truncate="left"`, its oldest tokens are dropped). Generation stops with finish_reason "length" when prompt and
+output fill the context. Going on with a sliding window (keep the newest half of the context, re-encode it and
+continue) happens only when asked for with `overflow="slide"`.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
+from lmforge.model.gpt import apply_rope
 from lmforge.model.kv_cache import KVCache
 
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+FINISH_REASONS = ("stop", "length", "cancelled")
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
-    if not temperature >= 0:  # also rejects NaN
-        raise LMForgeError(f"temperature must be 0 (greedy) or positive, not {temperature}")
-    if top_k is not None and top_k < 1:
-        raise LMForgeError(f"top_k must be at least 1, not {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise LMForgeError(f"top_p must be in (0, 1], not {top_p}")
-    if max_new_tokens < 1:
-        raise LMForgeError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class SamplingParams:
+    """What to generate for one prompt. The defaults sample at temperature 1 until end of text or 200 tokens."""
+
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # 0 is greedy
+    top_k: int | None = None  # keep only the k most likely tokens (None or 0: no limit)
+    top_p: float | None = None  # keep the most likely tokens whose probabilities sum to top_p (None or 1: all)
+    min_p: float | None = None  # drop tokens less likely than min_p times the most likely one (None or 0: none)
+    repetition_penalty: float = 1.0  # divide positive logits (multiply negative ones) of tokens already seen
+    frequency_penalty: float = 0.0  # subtract this times the count of each token already generated
+    presence_penalty: float = 0.0  # subtract this once from each token already generated
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # strings that end the output; the output stops before the first one
+    stop_token_ids: tuple[int, ...] | None = None  # ids that end the output; None: the tokenizer's end of text
+    logprobs: int | None = None  # None: none; 0: the chosen token's log-probability; k: also the k most likely
+    num_beams: int = 1  # more than 1: beam search, which is deterministic (sampling settings do not apply)
+    length_penalty: float = 1.0  # beam score = sum of log-probs / (generated length ** length_penalty)
+    truncate: str | None = None  # "left": drop the oldest prompt tokens that do not fit the context
+    overflow: str = "stop"  # the context is full: "stop" (finish_reason "length") or "slide" (sliding window)
+
+    def __post_init__(self) -> None:
+        self.top_k = 0 if self.top_k is None else self.top_k
+        self.top_p = 1.0 if self.top_p is None else self.top_p
+        self.min_p = 0.0 if self.min_p is None else self.min_p
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = tuple(self.stop_token_ids)
+        checks = [
+            (
+                _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+                f"max_new_tokens must be a positive integer, not {self.max_new_tokens!r}",
+            ),
+            (
+                _is_number(self.temperature) and self.temperature >= 0,
+                f"temperature must be 0 (greedy) or positive, not {self.temperature!r}",
+            ),
+            (_is_int(self.top_k) and self.top_k >= 0, f"top_k must be a positive integer, not {self.top_k!r}"),
+            (_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], not {self.top_p!r}"),
+            (_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], not {self.min_p!r}"),
+            (
+                _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+                f"repetition_penalty must be positive (1 is none), not {self.repetition_penalty!r}",
+            ),
+            (
+                _is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+                f"frequency_penalty must be in [-2, 2], not {self.frequency_penalty!r}",
+            ),
+            (
+                _is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+                f"presence_penalty must be in [-2, 2], not {self.presence_penalty!r}",
+            ),
+            (
+                self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
+                f"seed must be a non-negative integer, not {self.seed!r}",
+            ),
+            (
+                len(self.stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in self.stop),
+                f"stop must be at most {MAX_STOP_STRINGS} non-empty strings, not {self.stop!r}",
+            ),
+            (
+                self.stop_token_ids is None or all(_is_int(i) and i >= 0 for i in self.stop_token_ids),
+                f"stop_token_ids must be token ids, not {self.stop_token_ids!r}",
+            ),
+            (
+                self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+                f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, not {self.logprobs!r}",
+            ),
+            (_is_int(self.num_beams) and self.num_beams >= 1, f"num_beams must be at least 1, not {self.num_beams!r}"),
+            (_is_number(self.length_penalty), f"length_penalty must be a number, not {self.length_penalty!r}"),
+            (self.truncate in (None, "left"), f"truncate must be None or 'left', not {self.truncate!r}"),
+            (self.overflow in ("stop", "slide"), f"overflow must be 'stop' or 'slide', not {self.overflow!r}"),
+            (
+                self.num_beams == 1 or self.overflow == "stop",
+                "beam search stays within the context; use overflow='stop' with num_beams > 1",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LMForgeError(message)
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+
+
+@dataclass
+class Chunk:
+    """What one step added to a sequence's output: text (possibly empty while held back) and the new tokens."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    """A finished sequence. completion_tokens counts every generated token, the stop token included."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+
+def _per_row(value, batch: int, neutral, dtype: torch.dtype, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype)
+    return torch.full((batch,), neutral if value is None else value, dtype=dtype, device=device)
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf the logits (B, vocab) outside each row's top-k, then outside its top-p nucleus, then those
+    below min_p times its best probability. top_k 0, top_p 1 and min_p 0 turn a filter off for a row."""
+    vocab = logits.size(-1)
+    use_k, use_p = bool((top_k > 0).any()), bool((top_p < 1).any())
+    if use_k or use_p:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=logits.device)
+        drop = rank[None, :] >= torch.where(top_k > 0, top_k, vocab)[:, None]
+        if use_p:
+            probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+            # Drop a token when the more likely ones already reach top_p; the most likely token always stays.
+            drop |= (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def uniforms(generator: torch.Generator | list[torch.Generator] | None, batch: int) -> torch.Tensor:
+    """One uniform number in [0, 1) per row: from one generator, or from each row's own (so that a seeded request
+    draws the same numbers whatever else shares its batch)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else "cpu"
+        return torch.rand(batch, generator=generator, device=device)
+    return torch.stack([torch.rand((), generator=g, device=g.device) for g in generator])
 
 
 def sample(
     logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor | None = None,
+    top_p: float | torch.Tensor | None = None,
+    min_p: float | torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """logits (B, vocab) -> token ids (B,). Temperature 0 is greedy; top-k, then top-p (nucleus) filtering."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the most likely token always stays.
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    """logits (B, vocab) -> token ids (B,). Temperature 0 is greedy; then top-k, top-p and min-p filtering.
+
+    Each setting is one number for all rows or a (B,) tensor of per-row values. A row is drawn by inverting the
+    cumulative distribution at one uniform number from its generator.
+    """
+    batch, vocab = logits.shape
+    device = logits.device
+    temperature = _per_row(temperature, batch, 1.0, torch.float32, device)
+    greedy = temperature == 0
+    best = logits.argmax(dim=-1)
+    if bool(greedy.all()):
+        return best
+    scaled = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]
+    scaled = filter_logits(
+        scaled,
+        _per_row(top_k, batch, 0, torch.long, device),
+        _per_row(top_p, batch, 1.0, torch.float32, device),
+        _per_row(min_p, batch, 0.0, torch.float32, device),
+    )
+    probs = scaled.softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    u = uniforms(generator, batch).to(device=device, dtype=cdf.dtype)
+    ids = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous(), right=True).squeeze(-1).clamp_(max=vocab - 1)
+    # Rounding can land u * total past the last kept token; the most likely token is then the safe answer.
+    ids = torch.where(probs.gather(-1, ids[:, None]).squeeze(-1) > 0, ids, probs.argmax(dim=-1))
+    return torch.where(greedy, best, ids)
 
 
-@torch.no_grad()
-def generate_tokens(
+# ------------------------------------------------------------------------------------------ the forward pass
+
+
+def fused_qkv(model) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per layer, the query, key and value projections stacked into one weight (and bias): one matmul, not three."""
+    fused = []
+    for block in model.blocks:
+        a = block.attn
+        weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if a.q_proj.bias is not None else None
+        fused.append((weight, bias))
+    return fused
+
+
+def forward_rows(
     model,
-    prompt: list[int],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    num_samples: int = 1,
-    use_cache: bool = True,
-) -> Iterator[torch.Tensor]:
-    """Yield (num_samples,) new token ids per step, max_new_tokens times, for the same prompt in each row."""
-    check_sampling(temperature, top_k, top_p, max_new_tokens)
-    context = model.config.seq_len
+    ids: torch.Tensor,
+    starts: list[int],
+    cache: KVCache,
+    slots: list[int],
+    qkv: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+) -> torch.Tensor:
+    """ids (B, T), row b at positions starts[b].. -> final hidden states (B, T, n_embd), rows at different positions.
+
+    Row b's keys and values are written to cache row slots[b], and its queries see that row's keys up to their
+    own position. The same computation as GPT.forward (tests hold them equal), with a position per row. The common
+    cases take cheaper paths: rows at one shared position need no mask, and consecutive slots are read as a view.
+    `qkv` (from fused_qkv, made once per set of weights) does each layer's three input projections in one matmul.
+    """
+    config = model.config
+    B, T = ids.shape
+    device = ids.device
+    shared = all(start == starts[0] for start in starts)
+    span = slice(slots[0], slots[0] + B) if slots == list(range(slots[0], slots[0] + B)) else None
+    if shared:
+        positions = torch.arange(starts[0], starts[0] + T, device=device)  # (T,), the same for every row
+    else:
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
+    # The residual stream is kept as (B*T, n_embd): linear layers on 2-D inputs take a faster path than on 3-D.
+    x = model.tok_emb(ids)  # (B, T, n_embd)
+    if model.pos_emb is not None:
+        x = x + model.pos_emb(positions)
+    elif config.pos_emb == "sinusoidal":
+        x = x + model.sin_table[positions].to(x.dtype)
+    x = x.view(B * T, -1)
+    rope = None
+    if config.pos_emb == "rope":
+        rope = (model.rope_cos[positions], model.rope_sin[positions])  # (T, head_dim/2)
+        if not shared:
+            rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, head_dim/2)
+    end = max(starts) + T
+    mask, is_causal = None, False
+    if shared and T > 1 and starts[0] == 0:
+        is_causal = True  # a prompt from the start, padded on the right: plain causal attention, as GPT.forward
+    elif not (shared and T == 1):  # one new token per row at one position sees every cached key: no mask
+        key_pos = torch.arange(end, device=device)
+        mask = (key_pos[None, None, :] <= positions.expand(B, T)[:, :, None])[:, None]  # (B, 1, T, end)
+    index = (
+        None if span is not None and shared else (torch.tensor(slots, device=device)[:, None], positions.expand(B, T))
+    )
+    q_size, kv_size = config.n_head * config.head_dim, config.kv_heads * config.head_dim
+    for layer, block in enumerate(model.blocks):
+        attn = block.attn
+        h = block.attn_norm(x)
+        if qkv is not None:
+            q, k, v = F.linear(h, *qkv[layer]).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q = q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if index is None:
+            cache.k[layer, span, :, starts[0] : starts[0] + T] = k
+            cache.v[layer, span, :, starts[0] : starts[0] + T] = v
+        else:  # (B, T, n_kv_head, head_dim) into each row's slot at its positions
+            cache.k[layer][index[0], :, index[1]] = k.transpose(1, 2)
+            cache.v[layer][index[0], :, index[1]] = v.transpose(1, 2)
+        if span is not None:
+            keys, values = cache.k[layer, span, :, :end], cache.v[layer, span, :, :end]  # (B, n_kv_head, end, hd)
+        else:
+            keys, values = cache.k[layer][slots, :, :end], cache.v[layer][slots, :, :end]
+        y = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=attn.n_kv_head != attn.n_head
+        )  # (B, n_head, T, head_dim)
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(B * T, attn.n_head * attn.head_dim))
+        x = x + block.mlp(block.mlp_norm(x))
+    return model.norm(x).view(B, T, -1)
+
+
+# ------------------------------------------------------------------------------------------------- sequences
+
+
+def check_prompt(prompt: list[int], params: SamplingParams, context: int, vocab_size: int) -> list[int]:
+    """The prompt to use, or an LMForgeError: empty, unknown ids, or too long for the context."""
+    prompt = list(prompt)
     if not prompt:
         raise LMForgeError("the prompt is empty; give at least one token of text")
-    if len(prompt) > context:
-        raise LMForgeError(f"the prompt has {len(prompt)} tokens, more than the model's context of {context}")
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
-    was_training = model.training
-    model.eval()
-    tokens = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)  # (B, T)
-    keep = max(1, context // 2)
-    cache = KVCache.for_model(model, num_samples) if use_cache else None
-    pos = 0  # how many tokens of the current window are in the cache
-    window_start = 0
-    try:
-        for _ in range(max_new_tokens):
-            if tokens.size(1) - window_start > context:  # the next token would not fit: slide the window
-                window_start = tokens.size(1) - keep
-                pos = 0
-            if cache is not None:
-                logits, _ = model(tokens[:, window_start + pos :], cache=cache, pos=pos)
-                pos = tokens.size(1) - window_start
-            else:
-                logits, _ = model(tokens[:, window_start:])
-            next_ids = sample(logits[:, -1, :], temperature, top_k, top_p, generator)
-            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
-            yield next_ids
-    finally:
-        model.train(was_training)
+    bad = [i for i in prompt if not (_is_int(i) and 0 <= i < vocab_size)]
+    if bad:
+        raise LMForgeError(f"the prompt has token ids outside the vocabulary of {vocab_size}: {bad[:5]}")
+    if params.truncate == "left":
+        # Leave room for max_new_tokens, but keep at least half the context of prompt.
+        keep = max(1, min(context - 1, max(context - params.max_new_tokens, context // 2)))
+        prompt = prompt[-keep:]
+    if len(prompt) >= context:
+        raise LMForgeError(
+            f"the prompt has {len(prompt)} tokens and the model's context is {context}, which must also hold the "
+            f"output; shorten the prompt to at most {context - 1} tokens or truncate it (--truncate left)"
+        )
+    return prompt
 
 
 class TextStream:
-    """Turns a growing list of token ids into text increments, holding back incomplete UTF-8 sequences."""
+    """Turns token ids into text increments as they arrive.
 
-    def __init__(self, tokenizer):
+    Holds back text that may still change: an incomplete UTF-8 character (a byte-level token that ends
+    mid-character decodes to U+FFFD) and a tail that could be the start of a stop string. Decodes only a short
+    window of recent tokens per push, so a long output costs linear time.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
+        self.stop = tuple(stop)
         self.ids: list[int] = []
-        self.emitted = 0
+        self.prefix = 0  # ids[prefix:read] decode to text already in self.text
+        self.read = 0
+        self.text = ""  # text of ids[:read]; cut before the stop string once one is found
+        self.emitted = 0  # characters of self.text handed out
+        self.stopped = False
+
+    def _decode_new(self) -> None:
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a byte-level token that ends mid-character: wait for the rest
+        if self.stopped or self.tokenizer is None:
             return ""
-        new, self.emitted = text[self.emitted :], len(text)
-        return new
+        self.ids.append(token_id)
+        self._decode_new()
+        return self._release(final=False)
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        new, self.emitted = text[self.emitted :], len(text)
-        return new
+        """The held-back text, at the end of generation (an unfinished character stays as U+FFFD)."""
+        if self.stopped or self.tokenizer is None:
+            return ""
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        self.text += after[len(before) :]
+        self.prefix = self.read = len(self.ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stop) if i >= 0]
+        if hits:
+            end = min(hits)
+            out, self.text, self.emitted, self.stopped = self.text[self.emitted : end], self.text[:end], end, True
+            return out
+        end = len(self.text)
+        if not final:
+            end -= max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if self.text.endswith(s[:n])), default=0)
+        out, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
+        return out
+
+    @property
+    def output(self) -> str:
+        return self.text[: self.emitted]
+
+
+class Sequence:
+    """One prompt being continued: its tokens, random generator, text, stop conditions and log-probs."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, tokenizer, context: int, vocab_size: int, tag=None):
+        self.params = params
+        self.prompt = check_prompt(prompt, params, context, vocab_size)
+        self.context = context
+        self.tag = tag  # the caller's own label (the server's request and choice index)
+        self.tokens = list(self.prompt)  # prompt + output, including the stop token if one came
+        self.window_start = 0  # where the context window starts in tokens (moves only with overflow="slide")
+        self.cached = 0  # tokens of the window whose keys and values are in the cache
+        self.slot: int | None = None
+        self.output: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.generated = 0
+        self.finish_reason: str | None = None
+        self.text = TextStream(tokenizer, params.stop)
+        if params.stop_token_ids is not None:
+            self.stop_ids = frozenset(params.stop_token_ids)
+        else:
+            self.stop_ids = frozenset([tokenizer.eot_id]) if tokenizer is not None else frozenset()
+        self.generator = torch.Generator()
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed)
+        self.counts: torch.Tensor | None = None  # per-token counts of the output, for the penalties
+        self.pending = 0  # output tokens not yet reported in a chunk
+
+    @property
+    def window(self) -> list[int]:
+        return self.tokens[self.window_start :]
+
+    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply the repetition (prompt and output), frequency and presence (output) penalties to logits (vocab,)."""
+        p = self.params
+        if self.counts is None:
+            self.counts = torch.zeros(logits.size(-1), device=logits.device)
+            self.in_prompt = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
+            self.in_prompt[torch.tensor(self.prompt, device=logits.device)] = True
+            for token in self.output:
+                self.counts[token] += 1
+        seen = self.counts > 0
+        if p.repetition_penalty != 1:
+            penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(seen | self.in_prompt, penalized, logits)
+        return logits - p.frequency_penalty * self.counts - p.presence_penalty * seen.float()
+
+    def append(self, token: int, logprob: float | None = None, top: list[tuple[int, float]] | None = None):
+        """Add one generated token; return the chunk to report (None while text is held back)."""
+        self.generated += 1
+        self.tokens.append(token)
+        if self.counts is not None:
+            self.counts[token] += 1
+        if token in self.stop_ids:
+            return self._finish("stop")
+        self.output.append(token)
+        if self.params.logprobs is not None:
+            self.logprobs.append(logprob)
+            self.top_logprobs.append(top or [])
+        self.pending += 1
+        text = self.text.push(token)
+        if self.text.stopped:
+            return self._finish("stop", text)
+        if self.generated >= self.params.max_new_tokens:
+            return self._finish("length", text)
+        if self.params.overflow == "stop" and len(self.tokens) >= self.context:
+            return self._finish("length", text)
+        return self._chunk(text) if text else None
+
+    def _finish(self, reason: str, text: str = "") -> Chunk:
+        self.finish_reason = reason
+        return self._chunk(text + self.text.flush())
+
+    def _chunk(self, text: str) -> Chunk:
+        n, self.pending = self.pending, 0
+        start = len(self.output) - n
+        want = self.params.logprobs is not None
+        return Chunk(
+            text,
+            self.output[start:],
+            self.logprobs[start:] if want else None,
+            self.top_logprobs[start:] if want else None,
+            self.finish_reason,
+        )
+
+    def completion(self) -> Completion:
+        want = self.params.logprobs is not None
+        return Completion(
+            self.text.output,
+            list(self.output),
+            self.finish_reason or "cancelled",
+            len(self.prompt),
+            self.generated,
+            list(self.logprobs) if want else None,
+            list(self.top_logprobs) if want else None,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """Continuous batching over one preallocated KV cache.
+
+    The cache has a row of the model's full context for each of max_batch slots. A sequence holds a slot from
+    `add` until it finishes or is cancelled; `step` decodes one token for every sequence holding one: new
+    sequences' prompts in one padded forward pass, the others' last tokens in another. With use_cache=False
+    every step recomputes each window with GPT.forward instead: the reference the cached path is tested against.
+    """
+
+    def __init__(self, model, tokenizer=None, max_batch: int = 8, use_cache: bool = True):
+        if max_batch < 1:
+            raise LMForgeError(f"max_batch must be at least 1, not {max_batch}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.use_cache = max_batch, use_cache
+        self.context = model.config.seq_len
+        self.device = next(model.parameters()).device
+        self.slots: list[Sequence | None] = [None] * max_batch
+        self.cache: KVCache | None = None
+        self.qkv: list | None = None  # fused projections, made at the first step: an engine reads weights once
+        self.steps = 0
+        self.tokens_generated = 0
+
+    def sequence(self, prompt: list[int], params: SamplingParams, tag=None) -> Sequence:
+        """A validated sequence for this model, not yet decoding (see add)."""
+        if params.num_beams > 1:
+            raise LMForgeError("beam search runs on its own (beam_search), not in a shared batch")
+        return Sequence(prompt, params, self.tokenizer, self.context, self.model.config.vocab_size, tag)
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def free(self) -> int:
+        return self.max_batch - self.active
+
+    def add(self, seq: Sequence) -> None:
+        slot = self.slots.index(None) if None in self.slots else None
+        if slot is None:
+            raise LMForgeError(f"the engine is full ({self.max_batch} sequences); wait for one to finish")
+        seq.slot, seq.cached = slot, 0
+        self.slots[slot] = seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop seq and free its slot (a client went away, or its time ran out)."""
+        if seq.slot is not None and self.slots[seq.slot] is seq:
+            self.slots[seq.slot] = None
+        seq.slot = None
+        if seq.finish_reason is None:
+            seq.finish_reason = "cancelled"
+
+    def _slide(self, seq: Sequence) -> None:
+        if len(seq.window) > self.context:  # the next forward would not fit: keep the newest half, re-encode
+            seq.window_start = len(seq.tokens) - max(1, self.context // 2)
+            seq.cached = 0
+
+    def _cached_logits(self, rows: list[Sequence]) -> torch.Tensor:
+        model, device = self.model, self.device
+        if self.cache is None:
+            self.cache = KVCache.for_model(model, self.max_batch)
+        prefill = [i for i, s in enumerate(rows) if len(s.window) - s.cached > 1]
+        decode = [i for i, s in enumerate(rows) if len(s.window) - s.cached == 1]
+        parts = []
+        for group in (prefill, decode):
+            if not group:
+                continue
+            seqs = [rows[i] for i in group]
+            new = [s.window[s.cached :] for s in seqs]
+            width = max(len(n) for n in new)
+            ids = torch.tensor([n + [0] * (width - len(n)) for n in new], device=device)  # right-padded
+            if self.qkv is None:
+                self.qkv = fused_qkv(model)
+            hidden = forward_rows(model, ids, [s.cached for s in seqs], self.cache, [s.slot for s in seqs], self.qkv)
+            if width > 1:  # each row's last real token
+                hidden = hidden[torch.arange(len(seqs), device=device), torch.tensor([len(n) - 1 for n in new])]
+            else:
+                hidden = hidden[:, 0]
+            parts.append(model.lm_head(hidden))  # (rows of the group, vocab)
+        if len(parts) == 1:
+            return parts[0]
+        logits = torch.cat(parts)
+        order = torch.tensor(prefill + decode, device=device).argsort()
+        return logits[order]
+
+    def _uncached_logits(self, rows: list[Sequence]) -> torch.Tensor:
+        return torch.cat([self.model(torch.tensor([s.window], device=self.device))[0][:, -1] for s in rows])
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
+        return sample(
+            logits,
+            torch.tensor([s.params.temperature for s in rows]),
+            torch.tensor([s.params.top_k for s in rows]),
+            torch.tensor([s.params.top_p for s in rows]),
+            torch.tensor([s.params.min_p for s in rows]),
+            [s.generator for s in rows],
+        ).tolist()
+
+    def _choose(self, rows: list[Sequence], logits: torch.Tensor):
+        logits = logits.float()
+        want = [s.params.logprobs for s in rows]
+        logprobs = logits.log_softmax(dim=-1) if any(w is not None for w in want) else None
+        if any(s.params.penalized for s in rows):
+            logits = torch.stack([s.penalize(row) if s.params.penalized else row for s, row in zip(rows, logits)])
+        if all(s.params.temperature == 0 for s in rows):
+            ids = logits.argmax(dim=-1).tolist()
+        else:
+            ids = self._sample(rows, logits)
+        chosen: list[float | None] = [None] * len(rows)
+        tops: list[list[tuple[int, float]] | None] = [None] * len(rows)
+        if logprobs is not None:
+            picked = logprobs.gather(-1, torch.tensor(ids, device=logprobs.device)[:, None]).squeeze(-1).tolist()
+            k = max(w or 0 for w in want)
+            if k:
+                values, indices = logprobs.topk(k, dim=-1)
+                values, indices = values.tolist(), indices.tolist()
+            for i, w in enumerate(want):
+                if w is not None:
+                    chosen[i] = picked[i]
+                    tops[i] = list(zip(indices[i][:w], values[i][:w])) if w else []
+        return ids, chosen, tops
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, Chunk]]:
+        """Decode one token for every active sequence; return the chunks to report. Finished ones leave."""
+        rows = [s for s in self.slots if s is not None]
+        if not rows:
+            return []
+        was_training = self.model.training  # checked first: switching modes walks every module, every step
+        if was_training:
+            self.model.eval()
+        try:
+            for seq in rows:
+                if seq.params.overflow == "slide":
+                    self._slide(seq)
+            logits = self._cached_logits(rows) if self.use_cache else self._uncached_logits(rows)
+            ids, chosen, tops = self._choose(rows, logits)
+        finally:
+            if was_training:
+                self.model.train()
+        self.steps += 1
+        self.tokens_generated += len(rows)
+        events = []
+        for seq, token, logprob, top in zip(rows, ids, chosen, tops):
+            seq.cached = len(seq.window)
+            chunk = seq.append(token, logprob, top)
+            if seq.finish_reason is not None:
+                self.slots[seq.slot] = None
+                seq.slot = None
+            if chunk is not None:
+                events.append((seq, chunk))
+        return events
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams] | None = None,
+    max_batch: int = 32,
+    use_cache: bool = True,
+) -> list[Completion]:
+    """Complete token-id prompts of any lengths, up to max_batch at a time in one batch; one Completion each."""
+    params = params or SamplingParams()
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    if len(params_list) != len(prompts):
+        raise LMForgeError(f"got {len(params_list)} sampling settings for {len(prompts)} prompts")
+    results: list[Completion | None] = [None] * len(prompts)
+    engine = Engine(model, tokenizer, max(1, min(max_batch, len(prompts))), use_cache)
+    waiting: deque[Sequence] = deque()
+    for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+        if p.num_beams > 1:
+            results[i] = beam_search(model, tokenizer, prompt, p)
+        else:
+            waiting.append(engine.sequence(prompt, p, tag=i))  # every prompt is checked before any work
+    sequences = list(waiting)
+    while waiting or engine.active:
+        while waiting and engine.free:
+            engine.add(waiting.popleft())
+        engine.step()
+    for seq in sequences:
+        results[seq.tag] = seq.completion()
+    return results  # type: ignore[return-value]
+
+
+def stream(
+    model, tokenizer, prompt: list[int], params: SamplingParams | None = None, use_cache: bool = True
+) -> Iterator[Chunk]:
+    """Yield Chunks of one prompt's continuation as they are decoded; the last has finish_reason set."""
+    params = params or SamplingParams()
+    if params.num_beams > 1:
+        raise LMForgeError("beam search cannot stream: it picks the best sequence at the end; use num_beams=1")
+    engine = Engine(model, tokenizer, 1, use_cache)
+    seq = engine.sequence(prompt, params)
+    engine.add(seq)
+    while seq.finish_reason is None:
+        for _, chunk in engine.step():
+            yield chunk
+
+
+@torch.inference_mode()
+def beam_search(model, tokenizer, prompt: list[int], params: SamplingParams) -> Completion:
+    """The most likely continuation found by beam search with params.num_beams beams.
+
+    Each step extends every beam by every token and keeps the num_beams best partial sequences by total
+    log-probability; a beam that emits a stop token is set aside as finished. Finished and, at the end, unfinished
+    beams are ranked by sum of log-probs / (generated length ** length_penalty). The search ends at max_new_tokens,
+    at the context, or when no live beam can beat the worst of num_beams finished ones. Stop strings cut the text.
+    """
+    context = model.config.seq_len
+    prompt = check_prompt(prompt, params, context, model.config.vocab_size)
+    if params.stop_token_ids is not None:
+        stop_ids = frozenset(params.stop_token_ids)
+    else:
+        stop_ids = frozenset([tokenizer.eot_id]) if tokenizer is not None else frozenset()
+    width, alpha = params.num_beams, params.length_penalty
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    def norm(score: float, length: int) -> float:
+        return score / max(1, length) ** alpha
+
+    try:
+        cache = KVCache.for_model(model, 1)
+        logits, _ = model(torch.tensor([prompt], device=device), cache=cache)
+        logp = logits[:, -1].float().log_softmax(dim=-1)  # (beams, vocab)
+        vocab = logp.size(-1)
+        scores = torch.zeros(1, device=device)
+        beams: list[list[int]] = [[]]
+        beam_lps: list[list[float]] = [[]]
+        finished: list[tuple[float, list[int], list[float], str]] = []
+        budget = min(params.max_new_tokens, context - len(prompt))
+        for step in range(budget):
+            total = (scores[:, None] + logp).view(-1)
+            top_scores, flat = total.topk(min(2 * width, total.numel()))
+            next_beams, next_lps, next_scores, parents, tokens = [], [], [], [], []
+            for rank, (score, index) in enumerate(zip(top_scores.tolist(), flat.tolist())):
+                parent, token = divmod(index, vocab)
+                lps = beam_lps[parent] + [float(logp[parent, token])]
+                if token in stop_ids:
+                    if rank < width:  # a stop token outside the best num_beams candidates is not a result
+                        finished.append((norm(score, len(beams[parent])), beams[parent], lps[:-1], "stop"))
+                    continue
+                next_beams.append(beams[parent] + [token])
+                next_lps.append(lps)
+                next_scores.append(score)
+                parents.append(parent)
+                tokens.append(token)
+                if len(next_beams) == width:
+                    break
+            beams, beam_lps = next_beams, next_lps
+            scores = torch.tensor(next_scores, device=device)
+            if not beams:
+                break
+            if len(finished) >= width:
+                worst = sorted((f[0] for f in finished), reverse=True)[width - 1]
+                if norm(next_scores[0], step + 1) <= worst:
+                    beams = []
+                    break
+            if step == budget - 1:
+                break
+            cache.reorder(torch.tensor(parents, device=device))
+            logits, _ = model(torch.tensor(tokens, device=device)[:, None], cache=cache, pos=len(prompt) + step)
+            logp = logits[:, -1].float().log_softmax(dim=-1)
+        for score, seq, lps in zip(scores.tolist(), beams, beam_lps):
+            finished.append((norm(score, len(seq)), seq, lps, "length"))
+    finally:
+        model.train(was_training)
+    _, output, lps, reason = max(finished, key=lambda f: f[0])
+    text = TextStream(tokenizer, params.stop)
+    for token in output:
+        text.push(token)
+        if text.stopped:
+            reason = "stop"
+            break
+    text.flush()
+    want = params.logprobs is not None
+    ended_by_token = reason == "stop" and not text.stopped  # the stop token was generated too
+    return Completion(
+        text.output,
+        output,
+        reason,
+        len(prompt),
+        len(output) + int(ended_by_token),
+        lps if want else None,
+        [[] for _ in output] if want else None,
+    )

@@ -1,8 +1,9 @@
-"""Batches of (inputs, targets) from a data dir's shards.
+"""Batches of (inputs, targets) from a data dir's shards, and the batch order of record datasets.
 
 Training batches are random windows whose positions are a pure function of (seed, step, micro-step, rank):
 no loader state to save, and a resumed run draws exactly the batches an uninterrupted one would. Evaluation
-walks the val split in order, in non-overlapping windows.
+walks the val split in order, in non-overlapping windows. Fine-tuning records (data/sft.py, data/classify.py)
+are drawn the same way: `shuffled_indices` walks seeded permutations of the records, one per epoch.
 """
 
 from __future__ import annotations
@@ -94,3 +95,24 @@ def mask_tokens(
     random_pick = chosen & (roll >= 0.8) & (roll < 0.9)
     inputs[random_pick] = torch.randint(0, vocab_size, (int(random_pick.sum()),), generator=generator)
     return inputs, targets
+
+
+def shuffled_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """The record indices of step `step`'s global batch: the records in a fresh seeded order each epoch.
+
+    A pure function of (n, step, batch_size, seed): batch k holds positions k*batch_size... of the endless
+    sequence perm(epoch 0) + perm(epoch 1) + ..., so every record is seen once per epoch.
+    """
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = np.divmod(positions, n)
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        chosen = epochs == epoch
+        out[chosen] = np.random.default_rng([seed, int(epoch)]).permutation(n)[offsets[chosen]]
+    return out
+
+
+def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
+    """(len(rows), longest) int64, each row right-padded with value."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)

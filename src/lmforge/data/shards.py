@@ -22,38 +22,50 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class ShardWriter:
+    """Writes one split's tokens to fixed-size shards, streaming: memory holds only the array being written.
+
+    Each shard is written to `{name}.tmp`, fsynced and renamed when it is full (or at close), so a shard with its
+    final name is always complete.
+    """
+
     def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int = DEFAULT_SHARD_TOKENS):
+        if shard_tokens < 1:
+            raise LMForgeError(f"--shard-tokens must be at least 1, not {shard_tokens}")
         self.directory, self.split, self.dtype, self.shard_tokens = Path(directory), split, dtype, shard_tokens
-        self.buffer: list[np.ndarray] = []
-        self.buffered = 0
         self.files: list[str] = []
         self.tokens = 0
+        self._file = None
+        self._in_shard = 0
 
     def write(self, ids) -> None:
         array = np.asarray(ids, dtype=self.dtype)
-        self.buffer.append(array)
-        self.buffered += len(array)
         self.tokens += len(array)
-        while self.buffered >= self.shard_tokens:
-            self._flush(self.shard_tokens)
+        while len(array):
+            if self._file is None:
+                self._file = open(self._tmp_path(), "wb")  # noqa: SIM115 - closed in _finish
+            take = min(len(array), self.shard_tokens - self._in_shard)
+            self._file.write(array[:take].tobytes())
+            self._in_shard += take
+            array = array[take:]
+            if self._in_shard == self.shard_tokens:
+                self._finish()
 
     def close(self) -> list[str]:
-        if self.buffered:
-            self._flush(self.buffered)
+        if self._file is not None:
+            self._finish()
         return self.files
 
-    def _flush(self, count: int) -> None:
-        data = np.concatenate(self.buffer)
-        shard, rest = data[:count], data[count:]
-        self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
+    def _tmp_path(self) -> Path:
+        return self.directory / (f"{self.split}_{len(self.files):06d}.bin" + ".tmp")
+
+    def _finish(self) -> None:
         name = f"{self.split}_{len(self.files):06d}.bin"
-        tmp = self.directory / (name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(shard.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.directory / name)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp_path(), self.directory / name)
         self.files.append(name)
+        self._file, self._in_shard = None, 0
 
 
 class TokenSplit:

@@ -30,6 +30,7 @@ class ModelConfig:
     n_kv_head: int = 0  # 0 means n_head (plain multi-head attention); fewer gives GQA, 1 gives MQA
     n_embd: int = 128
     mlp_ratio: float = 4.0
+    n_inner: int = 0  # MLP hidden width; 0 derives it from mlp_ratio (set by imports whose width is not derivable)
     pos_emb: str = "learned"
     rope_theta: float = 10000.0
     norm: str = "layernorm"
@@ -59,6 +60,7 @@ class ModelConfig:
                 f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})",
             ),
             (0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), not {self.dropout}"),
+            (self.n_inner >= 0, f"model.n_inner must not be negative, not {self.n_inner}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -76,6 +78,8 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
+        if self.n_inner:
+            return self.n_inner
         hidden = int(self.mlp_ratio * self.n_embd)
         if self.mlp == "swiglu":  # keep the parameter count of a 2-matrix MLP, rounded to a multiple of 64
             hidden = int(2 * hidden / 3)
@@ -131,7 +135,7 @@ class Attention(nn.Module):
         self.q_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, False) if config.qk_norm else None
         self.k_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, False) if config.qk_norm else None
 
-    def forward(self, x, rope=None, cache=None, layer=0, pos=0):
+    def forward(self, x, rope=None, cache=None, layer=0, pos=0, attention_mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
@@ -150,6 +154,11 @@ class Attention(nn.Module):
             elif T > 1:  # a chunk of new queries after cached keys: query i sees keys <= pos + i
                 key_pos = torch.arange(k.size(2), device=x.device)
                 mask = key_pos[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]
+        if attention_mask is not None:  # (B, T), False at padding: no query attends to a padded key
+            mask = attention_mask[:, None, None, :]  # (B, 1, 1, T)
+            if self.causal:
+                mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            is_causal = False
         # The mask is applied to the scores before the softmax, inside scaled_dot_product_attention.
         y = F.scaled_dot_product_attention(
             q,
@@ -191,8 +200,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache=None, layer=0, pos=0):
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, layer, pos))
+    def forward(self, x, rope=None, cache=None, layer=0, pos=0, attention_mask=None):
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, layer, pos, attention_mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -259,10 +268,20 @@ class GPT(nn.Module):
         attention = 12 * c.n_layer * c.n_embd * c.seq_len // (2 if c.causal else 1)
         return 6 * weights + attention
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, pos: int = 0):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache=None,
+        pos: int = 0,
+        attention_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ):
         """idx: (B, T) token ids at positions pos..pos+T-1. Returns logits (B, T, vocab) and the loss if targets.
 
-        With targets, the loss is the mean cross-entropy over targets that are not -100.
+        With targets, the loss is the mean cross-entropy over targets that are not -100. attention_mask (B, T) is
+        False at padding, which no position attends to (right-padded rows for an encoder). return_hidden gives the
+        final normed hidden states (B, T, n_embd) in place of logits, for a task head.
         """
         B, T = idx.shape
         if pos + T > self.config.seq_len:
@@ -277,8 +296,10 @@ class GPT(nn.Module):
         rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]) if self.config.pos_emb == "rope" else None
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cache, layer, pos)
+            x = block(x, rope, cache, layer, pos, attention_mask)
         x = self.norm(x)
+        if return_hidden:
+            return x, None
         if targets is None:
             return self.lm_head(x), None
         logits = self.lm_head(x)

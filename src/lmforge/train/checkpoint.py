@@ -5,6 +5,11 @@ written into `checkpoints/.tmp-step_000500-PID`, every file fsynced, then rename
 directory fsynced, so a reader sees either the whole checkpoint or none of it. state.json is written last
 and names the files with their sizes; a checkpoint whose files do not match is skipped with a warning for
 the previous one. The optimizer state is loaded with `weights_only=True`: no pickle code is executed.
+
+model.safetensors always holds the plain GPT, which generation, serving and export read. A fine-tune whose trained
+module is more than that (LoRA adapters, a classification head) also writes `training.safetensors`, the trained
+module's own state, which resuming reads; its model.safetensors holds the adapters merged in. `init_from` starts a
+new run from another run's weights (its newest checkpoint, weights-only or full) with a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 from lmforge.errors import LMForgeError
 
 CHECKPOINTS = "checkpoints"
+TRAINING = "training.safetensors"
 
 
 def step_name(step: int) -> str:
@@ -137,22 +143,28 @@ def save(
     state: dict,
     keep_last: int,
     protect: tuple[int, ...] = (),
+    published: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest keep_last complete ones (and `protect`).
 
     optimizer may be one optimizer, a list of them, or None (an imported or exported model: weights only).
-    Under torchrun every rank calls this (FSDP gathers the full state); only rank 0 writes.
+    published: the plain GPT's state when `model` is a training module around it; it becomes model.safetensors and
+    model's own state training.safetensors. Under torchrun every rank calls this (FSDP gathers the full state);
+    only rank 0 writes.
     """
     optimizers = _optimizer_list(optimizer)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=full)
     optim_state = get_optimizer_state_dict(model, optimizers, options=full) if optimizers else None
+    files = {"model.safetensors": model_state} if published is None else {"model.safetensors": published}
+    if published is not None:
+        files[TRAINING] = model_state
     root = Path(run_dir) / CHECKPOINTS
     final = root / step_name(step)
     error = None
     if _is_main():
         try:
-            _write(root, final, step, model_state, optim_state, state)
+            _write(root, final, step, files, optim_state, state)
             prune(root, keep_last, protect)
         except OSError as exc:
             error = exc
@@ -162,14 +174,15 @@ def save(
     return final
 
 
-def _write(root: Path, final: Path, step: int, model_state: dict, optim_state: dict | None, state: dict) -> None:
+def _write(root: Path, final: Path, step: int, weights: dict[str, dict], optim_state: dict | None, state: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{step_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_weights(model_state, tmp / "model.safetensors")
-        names = ["model.safetensors"]
+        for name, tensors in weights.items():
+            save_weights(tensors, tmp / name)
+        names = list(weights)
         if optim_state is not None:
             torch.save(optim_state, tmp / "optimizer.pt")
             names.append("optimizer.pt")
@@ -230,12 +243,19 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def load(path: Path, model: torch.nn.Module, optimizer=None) -> dict:
-    """Load a checkpoint into model (and optimizers); raise ValueError/OSError if any part is damaged."""
+def load(path: Path, model: torch.nn.Module, optimizer=None, training: bool | None = None) -> dict:
+    """Load a checkpoint into model (and optimizers); raise ValueError/OSError if any part is damaged.
+
+    training: read the trained module's state (training.safetensors) when the checkpoint has one; by default when
+    optimizers are given (resuming), else the plain model.safetensors.
+    """
     state = read_state(path)
-    weights = load_weights(path / "model.safetensors")
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
     optimizers = _optimizer_list(optimizer)
+    if training is None:
+        training = bool(optimizers)
+    name = TRAINING if training and TRAINING in state["files"] else "model.safetensors"
+    weights = load_weights(path / name)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
     if optimizers:
         if "optimizer.pt" not in state["files"]:
             raise ValueError("it holds weights only (no optimizer.pt), so training cannot resume from it")
@@ -244,11 +264,23 @@ def load(path: Path, model: torch.nn.Module, optimizer=None) -> dict:
     return state
 
 
-def load_latest(run_dir: Path, model: torch.nn.Module, optimizer=None) -> dict | None:
+def load_latest(run_dir: Path, model: torch.nn.Module, optimizer=None, training: bool | None = None) -> dict | None:
     """Load the newest checkpoint that reads cleanly, warning about each damaged one skipped; None if none."""
     for path in reversed(complete_checkpoints(run_dir)):
         try:
-            return load(path, model, optimizer)
+            return load(path, model, optimizer, training)
         except Exception as exc:  # a damaged file can fail in safetensors, torch or json in many ways
             warnings.warn(f"skipping damaged checkpoint {path}: {exc}", stacklevel=2)
     return None
+
+
+def init_from(run_dir: Path, model: torch.nn.Module) -> dict:
+    """Start a new run from another run's weights: its newest readable checkpoint's model.safetensors.
+
+    Works on weights-only checkpoints (an import) and full ones alike; no optimizer state is read, so the new run's
+    optimizer starts fresh. Returns that checkpoint's state.json.
+    """
+    state = load_latest(run_dir, model)
+    if state is None:
+        raise LMForgeError(f"{run_dir} has no usable checkpoint to start from; train or import it first")
+    return state

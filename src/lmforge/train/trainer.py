@@ -1,9 +1,13 @@
-"""`lmforge train`: the training loop, visible top to bottom.
+"""`lmforge train` and `lmforge finetune`: the training loop, visible top to bottom.
 
 `train()` resolves the config (preset, config file, overrides, or the run dir's own config when resuming),
 builds the model and optimizers, resumes from the newest complete checkpoint if there is one, and runs:
 batch, forward, loss, backward, clip, step, schedule, log, maybe-eval, maybe-save. Batches are a pure
 function of (seed, step), RNG states are checkpointed, so a resumed run repeats an uninterrupted one.
+
+`finetune()` makes a new run from a base run (its model config and newest weights, loaded into a fresh optimizer)
+and runs the same loop with another objective (train/objectives.py: sft, classify) and, with `lora.rank`, LoRA
+adapters as the only trained weights. Its run dir is an ordinary one; rerunning the command resumes it.
 
 The same function runs under `torchrun`: each process takes its slice of every global batch, DDP or FSDP2
 wraps the model from outside (train/dist.py), and only rank 0 writes logs and checkpoints.
@@ -21,18 +25,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from lmforge import presets
 from lmforge.config import BatchPlan, RunConfig, apply_overrides, conflicts, flatten
-from lmforge.data.loader import DataDir, mask_tokens
-from lmforge.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from lmforge.data.loader import DataDir
+from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import LMForgeError
-from lmforge.eval.lm import evaluate, lm_loss
 from lmforge.model.gpt import GPT
-from lmforge.train import checkpoint, dist
+from lmforge.model.lora import has_lora, merged_state_dict
+from lmforge.train import checkpoint, dist, objectives
 from lmforge.train.log import Loggers, MetricsLog, peak_flops
 from lmforge.train.optim import build_optimizers, l1_penalty
 from lmforge.train.schedule import lr_at, progress
@@ -121,36 +124,6 @@ def setup_precision(precision: str, device: torch.device) -> tuple[str, Any, Any
     return precision, torch.autocast(device.type, dtype=dtype), scaler
 
 
-class Batches:
-    """Training and evaluation batches for the run's objective (next token, or masked tokens)."""
-
-    def __init__(self, data: DataDir, tokenizer: Tokenizer, config: RunConfig, plan: BatchPlan):
-        self.data, self.config, self.plan = data, config, plan
-        self.mlm = config.train.objective == "mlm"
-        if self.mlm:
-            self.mask_id = tokenizer.hf.token_to_id("<|mask|>")
-            if self.mask_id is None:
-                raise LMForgeError("train.objective=mlm needs a <|mask|> token; prepare the data with lmforge prepare")
-            self.special = [i for t in SPECIAL_TOKENS if (i := tokenizer.hf.token_to_id(t)) is not None]
-
-    def _masked(self, x: torch.Tensor, *key: int) -> tuple[torch.Tensor, torch.Tensor]:
-        seed = int(np.random.default_rng([self.config.train.seed, *key]).integers(2**62))
-        generator = torch.Generator().manual_seed(seed)
-        tc, mc = self.config.train, self.config.model
-        return mask_tokens(x, mc.vocab_size, self.mask_id, self.special, tc.mlm_probability, generator)
-
-    def train(self, step: int, part: int) -> tuple[torch.Tensor, torch.Tensor]:
-        p, mc = self.plan, self.config.model
-        x, y = self.data.train_batch(step, part, p.micro_batch_size, p.batch_size, mc.seq_len, self.config.train.seed)
-        return self._masked(x, step, part) if self.mlm else (x, y)
-
-    def eval(self):
-        mc, tc = self.config.model, self.config.train
-        batches = self.data.eval_batches(mc.seq_len, self.plan.micro_batch_size, tc.eval_batches or None)
-        for index, (x, y) in enumerate(batches):
-            yield self._masked(x, 2**31, index) if self.mlm else (x, y)  # a key no train step uses
-
-
 def train(
     data: str | None = None,
     out: str | Path = "runs/run",
@@ -177,9 +150,139 @@ def train(
         dist.teardown(info)
 
 
+# A new fine-tune's starting point for what its base run's config does not decide: a short run at a lower
+# learning rate, evaluated on the whole val set. Flags and --config override these.
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "optim.lr": 1e-4,
+    "optim.warmup_steps": 20,
+    "optim.weight_decay": 0.0,
+    "train.batch_size": 16,
+    "train.eval_every": 100,
+    "train.eval_batches": 0,
+    "train.save_every": 200,
+}
+# The model fields a fine-tune may change: the rest must match the base weights.
+FINETUNE_MODEL_CHANGES = {"model.dropout"}
+
+
+def finetune(
+    base: str | Path | None,
+    data: str | Path | None,
+    out: str | Path,
+    task: str | None = None,
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    progress_bar: bool = True,
+    echo=print,
+) -> dict:
+    """Fine-tune the base run's newest weights on the records in data into the run dir out; or resume out.
+
+    task: sft (default for a new run; prompt/response, chat, translation, summarization, qa records) or classify.
+    overrides: dotted config fields, e.g. {"lora.rank": 8, "train.max_steps": 300, "finetune.format": "qa"}.
+    Rerunning with the same arguments continues from out's newest checkpoint; base and data may then be None.
+    Returns the summary dict of the finished run, as train() does.
+    """
+    out = Path(out)
+    config, resuming = resolve_finetune_config(base, data, out, task, config_file, dict(overrides or {}))
+    info, device = dist.setup(config.train.device)
+    try:
+        return _train(out, config, resuming, info, device, progress_bar, echo)
+    finally:
+        dist.teardown(info)
+
+
+def resolve_finetune_config(
+    base: str | Path | None,
+    data: str | Path | None,
+    out: Path,
+    task: str | None,
+    config_file: str | None,
+    overrides: dict[str, Any],
+) -> tuple[RunConfig, bool]:
+    """The fine-tune's config and whether it continues out; refuses a resume whose base, data or config differ."""
+    requested: dict[str, Any] = _read_config_file(config_file) if config_file else {}
+    requested.update(overrides)
+    if task is not None:
+        requested["train.objective"] = task
+    for name in ("finetune.base", "finetune.data", "finetune.data_sha256"):
+        if name in requested:
+            raise LMForgeError(f"{name} is set by lmforge finetune from its arguments; do not pass it")
+    if requested.get("finetune.val_data"):
+        if not Path(requested["finetune.val_data"]).is_file():
+            raise LMForgeError(f"finetune.val_data {requested['finetune.val_data']} is not a file")
+        requested["finetune.val_data"] = str(Path(requested["finetune.val_data"]).resolve())
+    if data is not None and not Path(data).is_file():
+        raise LMForgeError(f"--data {data} is not a file; give a JSONL file of records")
+    if (out / "config.json").is_file():
+        saved = RunConfig.load(out / "config.json")
+        if not saved.finetune.base:
+            raise LMForgeError(f"{out} holds a pretraining run, not a fine-tune; choose another --out")
+        if base is not None and Path(base).resolve() != Path(saved.finetune.base).resolve():
+            theirs = Path(base) / "tokenizer.json"
+            if not theirs.is_file() or file_sha256(theirs) != file_sha256(out / "tokenizer.json"):
+                raise LMForgeError(
+                    f"{out} fine-tunes {saved.finetune.base}, not {base}; rerun with that base or choose another --out"
+                )
+        if data is not None and file_sha256(Path(data)) != saved.finetune.data_sha256:
+            raise LMForgeError(
+                f"{data} is not the data {out} was fine-tuned on ({saved.finetune.data}); "
+                "resume with that file or choose another --out"
+            )
+        problems = conflicts(saved, requested)
+        if problems:
+            raise LMForgeError(
+                f"{out} holds a run whose config differs: {'; '.join(problems)}; "
+                "drop those flags to resume it, or choose another --out for a new run"
+            )
+        return apply_overrides(saved, requested), True
+    if base is None or data is None:
+        raise LMForgeError("a new fine-tune needs a base run dir and --data FILE.jsonl")
+    base = Path(base)
+    if not (base / "config.json").is_file() or not (base / "tokenizer.json").is_file():
+        raise LMForgeError(f"{base} is not a run dir (no config.json and tokenizer.json); train or import one first")
+    if not checkpoint.complete_checkpoints(base):
+        raise LMForgeError(f"{base} has no checkpoint to start from; train it first")
+    base_config = RunConfig.load(base / "config.json")
+    fixed = sorted(n for n in requested if n.startswith("model.") and n not in FINETUNE_MODEL_CHANGES)
+    if fixed:
+        raise LMForgeError(
+            f"{', '.join(fixed)} cannot change in a fine-tune: the model must match the base weights "
+            f"(only {', '.join(sorted(FINETUNE_MODEL_CHANGES))} may)"
+        )
+    values = {
+        **{f"model.{k}": v for k, v in base_config.to_dict()["model"].items()},
+        **FINETUNE_DEFAULTS,
+        "train.objective": "sft",
+        **requested,
+        "preset": base_config.preset,
+        "finetune.base": str(base.resolve()),
+        "finetune.data": str(Path(data).resolve()),
+        "finetune.data_sha256": file_sha256(Path(data)),
+    }
+    config = apply_overrides(RunConfig(), values)
+    if config.train.objective not in ("sft", "classify"):
+        raise LMForgeError(f"lmforge finetune trains sft or classify, not {config.train.objective!r}")
+    return config, False
+
+
+def tokenizer_source(config: RunConfig) -> Path:
+    """Where a new run's tokenizer comes from: its base run (a fine-tune) or its data dir."""
+    if config.finetune.base:
+        return Path(config.finetune.base) / "tokenizer.json"
+    return DataDir(config.data).tokenizer_path
+
+
 def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device, progress_bar: bool, echo) -> dict:
-    data_dir = DataDir(config.data)
-    tokenizer = Tokenizer.load(data_dir.tokenizer_path)
+    tc, ft = config.train, config.finetune
+    if tc.objective in ("sft", "classify") and not ft.base:
+        raise LMForgeError(
+            f"train.objective={tc.objective} fine-tunes a trained model; "
+            "use lmforge finetune BASE_RUN --data FILE.jsonl --out NEW_RUN"
+        )
+    if config.lora.rank and not ft.base:
+        raise LMForgeError("lora.rank adapts a trained model; use lmforge finetune BASE_RUN --lora.rank N")
+    source = out / "tokenizer.json" if resuming and (out / "tokenizer.json").is_file() else tokenizer_source(config)
+    tokenizer = Tokenizer.load(source)
     if config.model.vocab_size == 0:
         config = apply_overrides(config, {"model.vocab_size": tokenizer.vocab_size})
     elif config.model.vocab_size < tokenizer.vocab_size:
@@ -187,15 +290,14 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
             f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
         )
     tc, oc, mc, es = config.train, config.optim, config.model, config.early_stop
-    data_dir.check_context(mc.seq_len)
     if not tc.max_steps and not tc.time:
         raise LMForgeError("the run has no end; give --max-steps N or --time 5m")
-    if tc.objective == "mlm" and mc.causal:
-        raise LMForgeError("train.objective=mlm trains an encoder; add --model.causal false (or use a bert preset)")
     if oc.name == "muon" and info.enabled and tc.dist == "fsdp":
         raise LMForgeError("optim.name=muon is not supported with --train.dist fsdp; use ddp or adamw")
+    if ft.base and info.enabled and tc.dist == "fsdp":
+        raise LMForgeError("fine-tuning runs under torchrun with --train.dist ddp, not fsdp")
     plan = BatchPlan.derive(tc, mc.seq_len, info.world_size)
-    batches = Batches(data_dir, tokenizer, config, plan)
+    objective = objectives.build(config, tokenizer, plan)  # reads and checks the data before anything is written
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if tc.deterministic:
@@ -205,23 +307,36 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
 
     torch.manual_seed(tc.seed)
     model = GPT(mc).to(device)
+    base_state = None
+    if ft.base and not checkpoint.complete_checkpoints(out):  # a new fine-tune: the base's weights, fresh optimizer
+        base_state = checkpoint.init_from(Path(ft.base), model)
+    module = objectives.task_module(config, model, objective.n_classes).to(device)  # LoRA-adapted, under a head
     flops_per_token = model.flops_per_token()
     n_params = model.num_params()
-    train_model = dist.wrap(model, tc.dist, info, device)
-    optimizers = build_optimizers(model, oc, device.type)
+    n_trained = sum(p.numel() for p in module.parameters() if p.requires_grad)  # parameters() yields tied ones once
+    train_model = dist.wrap(module, tc.dist, info, device)
+    optimizers = build_optimizers(module, oc, device.type)
     if tc.compile:
         train_model = torch.compile(train_model)
+    plain = module is model and not has_lora(model)  # else model.safetensors gets the plain, merged weights
 
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not resuming:
-            shutil.copyfile(data_dir.tokenizer_path, out / "tokenizer.json")
+            shutil.copyfile(source, out / "tokenizer.json")
+            # A tokenizer without <|endoftext|> names its end-of-sequence token in tokenizer_config.json.
+            tokenizer_config = Path(source).parent / "tokenizer_config.json"
+            if tokenizer_config.is_file() and not (out / "tokenizer_config.json").exists():
+                shutil.copyfile(tokenizer_config, out / "tokenizer_config.json")
+        for name, text in objective.files.items():
+            (out / f"{name}.tmp").write_text(text, encoding="utf-8")
+            os.replace(out / f"{name}.tmp", out / name)
         config.save(out / "config.json.tmp")
         os.replace(out / "config.json.tmp", out / "config.json")
         checkpoint.remove_partial(out)
     dist.barrier(info)
 
-    state = checkpoint.load_latest(out, model, optimizers)
+    state = checkpoint.load_latest(out, module, optimizers)
     if state is None and checkpoint.complete_checkpoints(out):
         raise LMForgeError(f"every checkpoint in {out / 'checkpoints'} is damaged; remove them to start over")
     if state and state.get("world_size", 1) != info.world_size:
@@ -243,15 +358,23 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
     loggers = Loggers(out, tc.log, config.to_dict()) if info.is_main else None
     peak = peak_flops(device) * info.world_size
 
-    tokens_per_step = plan.batch_size * mc.seq_len
+    tokens_per_step = plan.batch_size * mc.seq_len  # for records, counted from each step's batches
     if info.is_main:
         echo(
             f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token "
             f"(train), {mc.n_layer} layers x {mc.n_embd} wide, {mc.n_head} heads, context {mc.seq_len}, "
             f"vocab {mc.vocab_size}, objective {tc.objective}"
         )
+        if ft.base:
+            adapters = f"LoRA rank {config.lora.rank} on {config.lora.targets}; " if config.lora.rank else ""
+            start = f"; starting from {ft.base} step {base_state['step']}" if base_state else ""
+            total = sum(p.numel() for p in module.parameters())
+            echo(f"fine-tuning: {adapters}{n_trained:,} of {total:,} parameters trained{start}")
+        for note in objective.notes:
+            echo(note)
+        shape = f"{mc.seq_len} = {tokens_per_step:,} tokens/step" if not ft.base else f"up to {mc.seq_len} tokens"
         echo(
-            f"batch: {plan.batch_size} x {mc.seq_len} = {tokens_per_step:,} tokens/step over {info.world_size} "
+            f"batch: {plan.batch_size} x {shape} over {info.world_size} "
             f"process(es), {plan.accumulation} micro-batch(es) of {plan.micro_batch_size} each; {oc.name} "
             f"lr {oc.lr:g}, {oc.schedule} schedule; {precision} on {device}"
             + (f"; resuming at step {step}" if state else "")
@@ -276,7 +399,8 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
         protect = (best_step,) if best_step is not None and es.patience else ()
-        return checkpoint.save(out, step, model, optimizers, run_state, tc.keep_last, protect)
+        published = None if plain else merged_state_dict(model)
+        return checkpoint.save(out, step, module, optimizers, run_state, tc.keep_last, protect, published)
 
     def log(record: dict) -> None:
         if info.is_main:
@@ -304,28 +428,29 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
             for optimizer in optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum, step_tokens = 0.0, 0
             for micro_step in range(plan.accumulation):
-                x, y = batches.train(step, micro_step * info.world_size + info.rank)
-                x, y = x.to(device), y.to(device)
+                batch = objective.train_batch(step, micro_step * info.world_size + info.rank).to(device)
                 last = micro_step == plan.accumulation - 1
                 sync = (
                     contextlib.nullcontext() if last or not hasattr(train_model, "no_sync") else train_model.no_sync()
                 )
                 with sync:
                     with autocast:
-                        logits, _ = train_model(x)
-                    loss = lm_loss(logits, y, tc.label_smoothing)
+                        output = train_model(*batch.inputs)
+                    loss = objective.loss(output, batch.targets)
                     if oc.l1:
-                        loss = loss + oc.l1 * l1_penalty(model)
+                        loss = loss + oc.l1 * l1_penalty(module)
                     scaled = loss / plan.accumulation
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_sum += loss.item()
+                step_tokens += batch.tokens
             loss_value = dist.all_reduce_mean(loss_sum / plan.accumulation, info, device)
+            tokens_per_step = round(dist.all_reduce_mean(step_tokens, info, device) * info.world_size)
             if scaler is not None:
                 for optimizer in optimizers:
                     scaler.unscale_(optimizer)
-            grad_norm = clip_gradients(model, oc.grad_clip)
+            grad_norm = clip_gradients(module, oc.grad_clip)
             bad = not math.isfinite(loss_value) or (scaler is None and not math.isfinite(grad_norm))
             if dist.all_agree(bad, info, device):
                 for optimizer in optimizers:
@@ -366,7 +491,7 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
                 )  # fmt: skip
                 bar.set_postfix_str(f"step {step} loss {loss_value:.4f} {rate:,.0f} tok/s MFU {mfu:.1%}", refresh=False)
             if step % tc.eval_every == 0 or finished:
-                val = evaluate(model, batches.eval(), device, autocast)
+                val = objective.evaluate(module, device, autocast)
                 if val:
                     improved = best_val is None or val["val_loss"] < best_val - es.min_delta
                     if improved:
@@ -374,7 +499,8 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
                     else:
                         bad_evals += 1
                     log({"step": step, **val, "gap": round(val["val_loss"] - loss_value, 5), "best_val_loss": best_val})
-                    say(f"step {step}: train loss {loss_value:.4f}, val loss {val['val_loss']:.4f}")
+                    accuracy = f", val accuracy {val['val_accuracy']:.3f}" if "val_accuracy" in val else ""
+                    say(f"step {step}: train loss {loss_value:.4f}, val loss {val['val_loss']:.4f}{accuracy}")
                     if es.patience and improved and step % tc.save_every:
                         save()  # keep the best weights on disk
                         last_saved = step

@@ -1,0 +1,163 @@
+"""lmforge eval: loss, perplexity, bits per byte and loss by position; task reports; errors."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import quiet
+from lmforge.cli import main
+from lmforge.config import RunConfig
+from lmforge.data.loader import DataDir
+from lmforge.data.prepare import prepare
+from lmforge.data.tokenizer import Tokenizer, bpe_tokenizer, char_tokenizer_from_chars
+from lmforge.errors import LMForgeError
+from lmforge.eval.lm import text_batches, token_bytes
+from lmforge.eval.report import evaluate
+from lmforge.eval.tasks import evaluate_text
+from lmforge.model.gpt import GPT, ModelConfig
+from lmforge.train import checkpoint
+from lmforge.train.trainer import finetune, train
+
+
+def zero_run(root: Path, tokenizer: Tokenizer, zero: bool = True, **fields) -> Path:
+    """A run whose every weight is zero: its logits are all equal, so each token costs exactly ln(vocab) nats.
+
+    zero=False keeps the random initialisation (a base to fine-tune)."""
+    config = RunConfig(model=ModelConfig(vocab_size=tokenizer.vocab_size, seq_len=16, n_layer=1, n_head=2, n_embd=8,
+                                         **fields), preset="test")  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT(config.model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(0.0 if zero else 1.0)
+    root.mkdir(parents=True)
+    config.save(root / "config.json")
+    tokenizer.save(root / "tokenizer.json")
+    checkpoint.save(root, 0, model, None, {}, keep_last=1)
+    return root
+
+
+def test_bits_per_byte_of_a_uniform_model_by_hand(tmp_path):
+    text = "héllo wörld, 東京 🙂 and some plain ascii text to fill more than one window.\n" * 3
+    tokenizer = char_tokenizer_from_chars(text)
+    run = zero_run(tmp_path / "run", tokenizer)
+    path = tmp_path / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    result = evaluate_text(run, path, batch_size=4)
+    vocab = tokenizer.vocab_size
+    # every character is one token, predicted once (the first after an end-of-text token), at ln(vocab) nats each
+    assert result["tokens"] == len(text) and result["bytes"] == len(text.encode("utf-8"))
+    assert result["loss"] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert result["perplexity"] == pytest.approx(vocab, rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(len(text) * math.log2(vocab) / len(text.encode("utf-8")), rel=1e-6)
+    assert len(result["loss_by_position"]) == 16
+    assert all(v == pytest.approx(math.log(vocab), rel=1e-6) for v in result["loss_by_position"])
+
+
+def test_text_windows_predict_every_token_once():
+    ids = list(range(100, 100 + 1 + 3 * 16 + 5))
+    batches = list(text_batches(ids, 16, 2))
+    assert [tuple(x.shape) for x, _ in batches] == [(2, 16), (1, 16), (1, 5)]
+    targets = [t for _, y in batches for row in y.tolist() for t in row]
+    assert targets == ids[1:]
+    for x, y in batches:  # each target is the token after its input
+        assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_token_bytes_spell_the_text():
+    text = "café naïve 東京 🙂 tab\there, and more words: the quick brown fox.\n"
+    bpe = bpe_tokenizer(iter([text] * 30), vocab_size=300)
+    table = token_bytes(bpe, bpe.vocab_size)
+    assert table[bpe.encode(text)].sum() == len(text.encode("utf-8"))
+    assert table[bpe.eot_id] == 0
+    char = char_tokenizer_from_chars(text)
+    assert token_bytes(char, char.vocab_size)[char.encode(text)].sum() == len(text.encode("utf-8"))
+
+
+@pytest.fixture(scope="module")
+def periodic(tmp_path_factory) -> tuple[Path, Path]:
+    """(data dir, run) of text that repeats 3 random letters 20 times: the next letter needs 3 letters of context."""
+    root = tmp_path_factory.mktemp("periodic")
+    rng = random.Random(0)
+    (root / "p.txt").write_text("".join("".join(rng.sample("abcdefghij", 3)) * 20 for _ in range(300)))
+    prepare([str(root / "p.txt")], root / "data", progress=False)
+    overrides = {"train.max_steps": 150, "train.threads": 1, "optim.lr": 1e-2, "train.eval_every": 1000}
+    train(str(root / "data"), root / "run", preset="tiny", overrides=overrides, progress_bar=False, echo=quiet)
+    return root / "data", root / "run"
+
+
+def test_data_dir_scores_and_report(tmp_path, periodic, capsys):
+    char_data, tiny_run = periodic
+    out = tmp_path / "report"
+    assert main(["eval", str(tiny_run), "--data", str(char_data), "--out", str(out), "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "bits per byte" in printed and "lm_eval.md" in printed
+    result = json.loads((out / "lm_eval.json").read_text())
+    # the bytes are those of the predicted tokens' text: decode the same windows here
+    data, tokenizer = DataDir(char_data), Tokenizer.load(tiny_run / "tokenizer.json")
+    spelled = sum(len(tokenizer.decode(row).encode("utf-8")) for _, y in data.eval_batches(32, 4) for row in y.tolist())
+    assert result["bytes"] == spelled and result["tokens"] == sum(y.numel() for _, y in data.eval_batches(32, 4))
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / (math.log(2) * spelled))
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    by_position = result["loss_by_position"]
+    assert len(by_position) == 32
+    assert by_position[0] > 2 * max(by_position[8:])  # with 3+ letters of context the next one is known
+    assert (out / "loss_by_position.png").stat().st_size > 1000
+    report = (out / "lm_eval.md").read_text()
+    assert "bits per byte" in report and "![loss by position](loss_by_position.png)" in report
+    # a text file scores the same way
+    text_file = tmp_path / "t.txt"
+    text_file.write_text("abcabcabcijeijeijee", encoding="utf-8")
+    from_text = evaluate_text(tiny_run, text_file)
+    assert from_text["tokens"] == from_text["bytes"] == 19
+
+
+def test_eval_errors(tmp_path, tiny_run, char_data, capsys):
+    other = zero_run(tmp_path / "other", char_tokenizer_from_chars("xyz"))
+    cases = [
+        ([str(other), "--data", str(char_data)], "prepared with another tokenizer"),
+        ([str(tiny_run), "--data", str(tmp_path / "none")], "does not exist"),
+        ([str(tiny_run), "--data", str(char_data), "--split", "test"], "no split 'test'"),
+        ([str(tiny_run)], "give --data"),
+        ([str(tmp_path)], "give --data"),
+    ]
+    for args, message in cases:
+        assert main(["eval", *args]) == 2
+        assert message in capsys.readouterr().err
+    encoder = zero_run(tmp_path / "enc", char_tokenizer_from_chars("xyz"), causal=False)
+    (tmp_path / "x.txt").write_text("xyz")
+    with pytest.raises(LMForgeError, match="encoder"):
+        evaluate_text(encoder, tmp_path / "x.txt")
+    char = char_tokenizer_from_chars("xyz")
+    with pytest.raises(LMForgeError, match="character vocabulary lacks"):
+        evaluate_text(zero_run(tmp_path / "z", char), char_data / "meta.json")
+
+
+def test_classification_task_report(tmp_path):
+    tokenizer = char_tokenizer_from_chars("abc")
+    base = tmp_path / "base"
+    zero_run(base, tokenizer, zero=False)
+    rng = random.Random(0)
+    records = [{"text": "".join(rng.choice("abc") for _ in range(6))} for _ in range(300)]
+    for r in records:
+        r["label"] = max("abc", key=r["text"].count)  # three classes: the most frequent letter
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    overrides = {"train.max_steps": 30, "optim.lr": 1e-2, "train.threads": 1, "train.batch_size": 16}
+    finetune(base, data, tmp_path / "clf", task="classify", overrides=overrides, progress_bar=False, echo=quiet)
+    result = evaluate(tmp_path / "clf", task=data, out=tmp_path / "out", limit=120)
+    m = result["task"]["metrics"]
+    assert m["labels"] == ["a", "b", "c"] and m["examples"] == 120
+    assert sum(map(sum, m["confusion_matrix"])) == 120
+    assert m["accuracy"] == pytest.approx(sum(m["confusion_matrix"][i][i] for i in range(3)) / 120)
+    assert 0 <= m["roc_auc"] <= 1 and set(m["roc_curves"]) == {"a", "b", "c"}
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["predictions.jsonl", "roc.png", "task_eval.json", "task_eval.md"]
+    report = (tmp_path / "out" / "task_eval.md").read_text()
+    assert "Confusion matrix" in report and "ROC-AUC" in report
+    predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 120 and all(sum(p["probabilities"]) == pytest.approx(1, abs=1e-5) for p in predictions)

@@ -1,0 +1,365 @@
+"""Hugging Face interop against the real `transformers`: logits and greedy tokens equal, both directions."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models
+
+from lmforge.api import LM
+from lmforge.chat import CHAT_TEMPLATE_FILE, CHATML_TEMPLATE
+from lmforge.cli import main
+from lmforge.config import RunConfig
+from lmforge.data.tokenizer import EOT, bpe_tokenizer, char_tokenizer
+from lmforge.errors import LMForgeError
+from lmforge.generate import SamplingParams, generate
+from lmforge.interop import export_hf, import_hf
+from lmforge.model.gpt import GPT, ModelConfig
+from lmforge.train import checkpoint
+
+TEXT = "First Citizen:\nSpeak, speak . Before we proceed any further, hear me.\ncafé, naïve, 東京 🙂\tdone\n"
+LLAMA = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+EXPORTS = {
+    "gpt2_tied": {},
+    "gpt2_untied": {"tie_embeddings": False, "norm_eps": 1e-6, "dropout": 0.1},
+    "llama_gqa_untied": {**LLAMA, "n_kv_head": 2, "tie_embeddings": False, "rope_theta": 500.0},
+    "llama_mqa_tied": {**LLAMA, "n_kv_head": 1},
+    "llama_mha_bias": {**LLAMA, "bias": True, "mlp_ratio": 3.0},
+}
+
+
+def make_run(root: Path, tokenizer=None, seed: int = 0, **fields) -> tuple[Path, GPT]:
+    """A run dir holding a randomly perturbed tiny model: biases and norm weights are not 0 and 1, so a swapped or
+    untransposed tensor changes the logits."""
+    tokenizer = tokenizer or char_tokenizer([TEXT])
+    fields = {"vocab_size": tokenizer.vocab_size + 3, "seq_len": 24, "n_layer": 2, "n_head": 4, "n_embd": 32, **fields}
+    config = RunConfig(model=ModelConfig(**fields), preset="test")
+    torch.manual_seed(seed)
+    model = GPT(config.model).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    run = root / "run"
+    run.mkdir(parents=True)
+    config.save(run / "config.json")
+    tokenizer.save(run / "tokenizer.json")
+    checkpoint.save(run, 5, model, None, {}, keep_last=1)
+    return run, model
+
+
+def input_ids(vocab_size: int, length: int = 24, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", EXPORTS)
+def test_export_gives_equal_logits_and_greedy_tokens_in_transformers(tmp_path, variant):
+    run, model = make_run(tmp_path, **EXPORTS[variant])
+    result = export_hf(run, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    expected = "LlamaForCausalLM" if variant.startswith("llama") else "GPT2LMHeadModel"
+    assert type(hf).__name__ == expected == result["architecture"]
+    assert (hf.lm_head.weight is hf.get_input_embeddings().weight) == model.config.tie_embeddings
+    ids = input_ids(model.config.vocab_size)
+    with torch.no_grad():
+        ours, _ = model(ids)
+        theirs = hf(ids).logits
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+
+    hf.generation_config.eos_token_id = None  # run the full length, as ours does
+    prompt = ids[0, :5].tolist()
+    greedy = SamplingParams(max_new_tokens=19, temperature=0.0, stop_token_ids=())
+    ours_greedy = generate(model, None, [prompt], greedy)[0].token_ids
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=19, do_sample=False, pad_token_id=0)
+    assert out[0, 5:].tolist() == ours_greedy
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"pos_emb": "sinusoidal"}, "pos_emb"),
+        ({"pos_emb": "none"}, "pos_emb"),
+        ({"mlp": "relu2"}, "mlp"),
+        ({"qk_norm": True}, "qk_norm"),
+        ({"causal": False}, "causal"),
+        ({"n_kv_head": 2}, "n_kv_head"),
+        ({"bias": False}, "bias"),
+        ({**LLAMA, "norm": "layernorm"}, "norm"),
+        ({**LLAMA, "mlp": "relu2"}, "mlp"),
+    ],
+)
+def test_export_refuses_what_transformers_cannot_express(tmp_path, fields, field):
+    run, _ = make_run(tmp_path, **fields)
+    with pytest.raises(LMForgeError, match=rf"model\.{field}="):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_loads_offline_with_nothing_of_ours(tmp_path):
+    """A fresh interpreter where `import lmforge` fails loads model and tokenizer: char-level and byte-level BPE."""
+    gpt2_run, gpt2 = make_run(tmp_path / "a")
+    (gpt2_run / CHAT_TEMPLATE_FILE).write_text(CHATML_TEMPLATE)
+    bpe = bpe_tokenizer(iter([TEXT] * 20), vocab_size=300)
+    llama_run, llama = make_run(tmp_path / "b", tokenizer=bpe, **LLAMA, n_kv_head=2)
+    export_hf(gpt2_run, tmp_path / "gpt2")
+    export_hf(llama_run, tmp_path / "llama")
+    script = """
+import json, sys
+sys.modules["lmforge"] = None  # any import of our code fails
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+text, results = sys.argv[1], []
+for out in sys.argv[2:]:
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    chat = None
+    if tokenizer.chat_template:
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    results.append({"ids": ids, "text": tokenizer.decode(ids), "eos": tokenizer.eos_token, "pad": tokenizer.pad_token,
+                    "eos_id": model.generation_config.eos_token_id, "logits": logits.tolist(), "chat": chat})
+print(json.dumps(results))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    sample = TEXT[:22]
+    out = subprocess.run(
+        [sys.executable, "-c", script, sample, str(tmp_path / "gpt2"), str(tmp_path / "llama")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for result, run, model in zip(json.loads(out.stdout), (gpt2_run, llama_run), (gpt2, llama)):
+        lm = LM.load(run)
+        ids = lm.tokenizer.encode(sample)
+        assert result["ids"] == ids
+        assert result["text"] == sample
+        assert (result["eos"], result["pad"]) == (EOT, "<|pad|>")
+        im_end = lm.tokenizer.hf.token_to_id("<|im_end|>")
+        if run == gpt2_run:  # a chat template travels, and generation stops at the end of a turn too
+            assert result["chat"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+            assert result["eos_id"] == [lm.tokenizer.eot_id, im_end]
+        else:
+            assert result["chat"] is None and result["eos_id"] == lm.tokenizer.eot_id
+        with torch.no_grad():
+            ours, _ = model(torch.tensor([ids]))
+        assert torch.allclose(ours[0], torch.tensor(result["logits"]), atol=1e-4)
+
+
+def hf_char_tokenizer(special: list[str]):
+    """A transformers fast tokenizer over TEXT's characters with the given special tokens first."""
+    vocab = {token: i for i, token in enumerate(special)}
+    for ch in sorted(set(TEXT)):
+        vocab.setdefault(ch, len(vocab))
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.add_special_tokens(special)
+    hf.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=hf, eos_token=special[-1])
+
+
+def perturbed(model):
+    """transformers initialises biases to 0 and norms to 1; move them so a misplaced tensor shows."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def hf_gpt2(tmp_path) -> tuple[Path, torch.nn.Module]:
+    tokenizer = hf_char_tokenizer(["<|pad|>", EOT])
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer) + 2, n_positions=24, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1
+    )
+    torch.manual_seed(0)
+    model = perturbed(transformers.GPT2LMHeadModel(config))
+    path = tmp_path / "hf_gpt2"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model
+
+
+def assert_same_logits(run: Path, hf_model, seq_len: int = 24) -> LM:
+    lm = LM.load(run)
+    ids = input_ids(lm.model.config.vocab_size, seq_len)
+    with torch.no_grad():
+        ours, _ = lm.model(ids)
+        theirs = hf_model(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    return lm
+
+
+def test_import_gpt2_made_by_transformers(tmp_path, hf_gpt2):
+    path, hf_model = hf_gpt2
+    result = import_hf(path, tmp_path / "run")
+    assert result["notes"] == [] and result["architecture"] == "GPT2LMHeadModel"
+    lm = assert_same_logits(tmp_path / "run", hf_model)
+    assert lm.config.preset == "imported" and lm.model.config.tie_embeddings
+    assert lm.tokenizer.eot_id == 1
+    assert lm.chat_template == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    text = lm.generate("Speak", max_new_tokens=10, temperature=0.0)[0]
+    assert isinstance(text, str)
+
+
+def test_import_gpt2_file_in_the_original_layout(tmp_path, hf_gpt2):
+    """The GPT-2 files on the hub have no `transformer.` prefix and carry causal-mask buffers."""
+    path, hf_model = hf_gpt2
+    tensors = load_file(path / "model.safetensors")
+    legacy = {name.removeprefix("transformer."): t for name, t in tensors.items()}
+    legacy["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 24, 24))
+    save_file(legacy, path / "model.safetensors", metadata={"format": "pt"})
+    import_hf(path, tmp_path / "run")
+    assert_same_logits(tmp_path / "run", hf_model)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"num_key_value_heads": 2, "intermediate_size": 48, "tie_word_embeddings": False, "padding": 0},
+        {
+            "padding": 5,  # embeddings for more ids than the tokenizer has, as many models pad their vocabulary
+            "num_key_value_heads": 4,
+            "intermediate_size": 64,
+            "tie_word_embeddings": True,
+            "attention_bias": True,
+            "mlp_bias": True,
+        },
+    ],
+    ids=["gqa_untied_sharded", "mha_tied_bias"],
+)
+def test_import_llama_made_by_transformers(tmp_path, fields):
+    tokenizer = hf_char_tokenizer(["<unk>", "<s>", "</s>"])  # Llama style: no <|endoftext|>
+    fields = dict(fields)
+    padding = fields.pop("padding")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer) + padding,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=24,
+        rms_norm_eps=1e-5,
+        rope_theta=500.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **fields,
+    )
+    torch.manual_seed(0)
+    hf_model = perturbed(transformers.LlamaForCausalLM(config))
+    path = tmp_path / "hf_llama"
+    hf_model.save_pretrained(path, max_shard_size="20KB")
+    tokenizer.save_pretrained(path)
+    if fields["num_key_value_heads"] == 2:
+        assert (path / "model.safetensors.index.json").is_file()
+    with pytest.warns(UserWarning, match="no <\\|endoftext\\|>"):
+        result = import_hf(path, tmp_path / "run")
+    lm = assert_same_logits(tmp_path / "run", hf_model)
+    c = lm.model.config
+    assert (c.kv_heads, c.mlp_hidden, c.rope_theta, c.tie_embeddings) == (
+        fields["num_key_value_heads"],
+        fields["intermediate_size"],
+        500.0,
+        fields["tie_word_embeddings"],
+    )
+    # Every id of the original tokenizer is unchanged; <|endoftext|> comes after them.
+    original = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
+    assert all(lm.tokenizer.hf.token_to_id(token) == i for token, i in original.items())
+    assert lm.tokenizer.eot_id == len(original)
+    # when the new id has no embedding, the note says what that means for generation
+    assert ("outside the model" in result["notes"][0]) == (padding == 0)
+    assert lm.generate("Speak", max_new_tokens=5, temperature=0.0)[0]
+
+
+@pytest.mark.parametrize("variant", ["gpt2_untied", "llama_gqa_untied", "llama_mqa_tied"])
+def test_export_import_round_trip_is_exact(tmp_path, variant):
+    run, model = make_run(tmp_path, **EXPORTS[variant])
+    (run / CHAT_TEMPLATE_FILE).write_text(CHATML_TEMPLATE)
+    export_hf(run, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    assert (tmp_path / "back" / CHAT_TEMPLATE_FILE).read_text() == CHATML_TEMPLATE
+    back = LM.load(tmp_path / "back")
+    assert back.model.config == model.config
+    ours, theirs = model.state_dict(), back.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+
+
+def edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "bert"}, "model_type 'bert'"),
+        ({"activation_function": "relu"}, "activation_function='relu'"),
+        ({"n_layer": 1}, "h.1"),  # a tensor the config does not account for
+        ({"n_embd": 48}, "shape"),
+    ],
+)
+def test_import_refuses_what_it_cannot_express(tmp_path, hf_gpt2, change, message):
+    path, _ = hf_gpt2
+    edit_config(path, **change)
+    with pytest.raises(LMForgeError, match=message):
+        import_hf(path, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_refuses_llama_variants_and_missing_files(tmp_path, hf_gpt2):
+    path, _ = hf_gpt2
+    for name in ("model.safetensors", "tokenizer.json"):
+        (path / name).rename(path / (name + ".away"))
+    with pytest.raises(LMForgeError, match="no model.safetensors"):
+        import_hf(path, tmp_path / "run")
+    (path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(LMForgeError, match="pickle"):
+        import_hf(path, tmp_path / "run")
+    (path / "model.safetensors.away").rename(path / "model.safetensors")
+    with pytest.raises(LMForgeError, match="tokenizer.json"):
+        import_hf(path, tmp_path / "run")
+    llama = {"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 1}
+    original = (path / "config.json").read_text()
+    for change, message in [
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling='llama3'"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"head_dim": 16}, "head_dim=16"),
+        ({"attention_bias": True}, "mlp_bias"),
+    ]:
+        (path / "config.json").write_text(original)
+        edit_config(path, **llama, **change)
+        with pytest.raises(LMForgeError, match=message):
+            import_hf(path, tmp_path / "run")
+
+
+def test_cli_export_and_import(tmp_path, capsys):
+    run, model = make_run(tmp_path, **LLAMA)
+    assert main(["export", str(run), "--format", "hf", str(tmp_path / "hf")]) == 0
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+    assert main(["export", str(run), "--format", "hf", str(tmp_path / "hf")]) == 2  # exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    assert "lmforge generate" in capsys.readouterr().out
+    back = LM.load(tmp_path / "back")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.model.state_dict().values()))
+
+    sinusoidal, _ = make_run(tmp_path / "s", pos_emb="sinusoidal")
+    assert main(["export", str(sinusoidal), "--format", "hf", str(tmp_path / "hf2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmforge: error: ") and "model.pos_emb='sinusoidal'" in err and err.count("\n") == 1
