@@ -39,5 +39,16 @@ def tiny_run(tmp_path_factory, char_data) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Decoding tiny models is a string of small ops: one thread is fastest, and fair to a shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def quiet(*args) -> None:
     pass

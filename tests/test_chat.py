@@ -27,13 +27,7 @@ from lmforge.errors import LMForgeError
 from lmforge.generate import SamplingParams
 from lmforge.model.gpt import GPT, ModelConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ VARIANTS = {
 PROMPTS = [[3, 1, 4, 1, 5], [2, 7], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]]  # different lengths in one batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding tiny models is a string of small ops: one thread is fastest, and fair to a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_for(**fields) -> GPT:

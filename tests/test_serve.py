@@ -26,13 +26,7 @@ from lmforge.serve.app import ServeSettings, create_app
 KEY = "test-key-123456"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding tiny models is a string of small ops: one thread is fastest, and fair to a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Server:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
+from lmforge.files import sha256_file
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,6 @@ def pydocs_documents() -> list[tuple[str, str]]:
     from pydoc_data.topics import topics
 
     return [(f"pydocs:{name}", topics[name]) for name in sorted(topics)]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch(url: str, sha256: str, dest: Path, timeout: float = 60.0) -> Path:

@@ -15,7 +15,6 @@ new run from another run's weights (its newest checkpoint, weights-only or full)
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -37,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmforge.errors import LMForgeError
+from lmforge.files import sha256_file
 
 CHECKPOINTS = "checkpoints"
 TRAINING = "training.safetensors"
@@ -62,14 +62,6 @@ def _fsync_file(path: Path) -> None:
 def _numpy_state() -> dict:
     _, key, *rest = np.random.get_state(legacy=True)
     return {"key": key.tolist(), "rest": [int(rest[0]), int(rest[1]), float(rest[2])]}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def rng_state() -> dict:

@@ -33,16 +33,13 @@ from lmforge.config import BatchPlan, RunConfig, apply_overrides, conflicts, fla
 from lmforge.data.loader import DataDir
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import LMForgeError
+from lmforge.files import sha256_file
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import has_lora, merged_state_dict
 from lmforge.train import checkpoint, dist, objectives
 from lmforge.train.log import Loggers, MetricsLog, peak_flops
 from lmforge.train.optim import build_optimizers, l1_penalty
 from lmforge.train.schedule import lr_at, progress
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def resolve_config(
@@ -78,7 +75,7 @@ def resolve_config(
             )
         if data and Path(data).resolve() != Path(saved.data).resolve():
             theirs, ours = Path(data) / "tokenizer.json", out / "tokenizer.json"
-            if not theirs.is_file() or file_sha256(theirs) != file_sha256(ours):
+            if not theirs.is_file() or sha256_file(theirs) != sha256_file(ours):
                 raise LMForgeError(
                     f"--data {data} has a different tokenizer than the run in {out}; "
                     "resume with the run's own data dir or choose another --out"
@@ -219,11 +216,11 @@ def resolve_finetune_config(
             raise LMForgeError(f"{out} holds a pretraining run, not a fine-tune; choose another --out")
         if base is not None and Path(base).resolve() != Path(saved.finetune.base).resolve():
             theirs = Path(base) / "tokenizer.json"
-            if not theirs.is_file() or file_sha256(theirs) != file_sha256(out / "tokenizer.json"):
+            if not theirs.is_file() or sha256_file(theirs) != sha256_file(out / "tokenizer.json"):
                 raise LMForgeError(
                     f"{out} fine-tunes {saved.finetune.base}, not {base}; rerun with that base or choose another --out"
                 )
-        if data is not None and file_sha256(Path(data)) != saved.finetune.data_sha256:
+        if data is not None and sha256_file(Path(data)) != saved.finetune.data_sha256:
             raise LMForgeError(
                 f"{data} is not the data {out} was fine-tuned on ({saved.finetune.data}); "
                 "resume with that file or choose another --out"
@@ -257,7 +254,7 @@ def resolve_finetune_config(
         "preset": base_config.preset,
         "finetune.base": str(base.resolve()),
         "finetune.data": str(Path(data).resolve()),
-        "finetune.data_sha256": file_sha256(Path(data)),
+        "finetune.data_sha256": sha256_file(Path(data)),
     }
     config = apply_overrides(RunConfig(), values)
     if config.train.objective not in ("sft", "classify"):
