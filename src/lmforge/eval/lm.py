@@ -30,24 +30,12 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
     )
 
 
-@torch.no_grad()
 def evaluate(model, batches, device, autocast=None) -> dict:
-    """Token-weighted mean loss over (inputs, targets) batches; the model is put back in its previous mode."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast if autocast is not None else contextlib.nullcontext():
-            logits, _ = model(x)
-        n = int((y != -100).sum())
-        total += lm_loss(logits, y).item() * n
-        count += n
-    model.train(was_training)
-    if count == 0:
+    """Validation metrics for training (val_loss, val_ppl, val_tokens): `score` without the byte counts."""
+    result = score(model, batches, None, device, autocast)
+    if not result:
         return {}
-    loss = total / count
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
+    return {"val_loss": result["loss"], "val_ppl": result["perplexity"], "val_tokens": result["tokens"]}
 
 
 def token_bytes(tokenizer, size: int) -> np.ndarray:
@@ -92,24 +80,36 @@ def text_batches(ids: list[int], seq_len: int, batch_size: int) -> Iterator[tupl
 
 
 @torch.no_grad()
-def score(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], bytes_per_token: np.ndarray, device) -> dict:
-    """Loss, perplexity, bits per byte and loss by position of a causal model over (inputs, targets) batches."""
+def score(
+    model,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    bytes_per_token: np.ndarray | None,
+    device,
+    autocast=None,
+) -> dict:
+    """Loss, perplexity, bits per byte and loss by position over (inputs, targets) batches; targets -100 are skipped.
+
+    Token-weighted over all batches; bits per byte needs bytes_per_token (see token_bytes), else it is None.
+    The model is put back in its previous mode.
+    """
     was_training = model.training
     model.eval()
     seq_len = model.config.seq_len
-    table = torch.from_numpy(bytes_per_token)
+    table = torch.from_numpy(bytes_per_token) if bytes_per_token is not None else None
     nats, tokens, n_bytes = 0.0, 0, 0
     position_nats = torch.zeros(seq_len, dtype=torch.float64)
     position_count = torch.zeros(seq_len, dtype=torch.float64)
     for x, y in batches:
-        logits, _ = model(x.to(device))
+        with autocast if autocast is not None else contextlib.nullcontext():
+            logits, _ = model(x.to(device))
         y = y.to(device)
         nll = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-100, reduction="none")  # (B, T)
         real = y != -100
         nll = (nll * real).double().cpu()
         nats += float(nll.sum())
         tokens += int(real.sum())
-        n_bytes += int(table[y[real].cpu()].sum())
+        if table is not None:
+            n_bytes += int(table[y[real].cpu()].sum())
         width = y.size(1)
         position_nats[:width] += nll.sum(dim=0)
         position_count[:width] += real.sum(dim=0).double().cpu()
