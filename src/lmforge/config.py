@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LMForgeError
+from lmforge.files import write_text_atomic
 from lmforge.model.gpt import ModelConfig
 
 OPTIMIZERS = ("adamw", "sgd", "muon")
@@ -242,7 +243,7 @@ class RunConfig:
         return apply_overrides(cls(), flatten(data))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:

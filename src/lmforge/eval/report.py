@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lmforge.errors import LMForgeError
 from lmforge.eval.tasks import evaluate_task, evaluate_text
+from lmforge.files import write_text_atomic
 
 
 def evaluate(
@@ -46,13 +47,6 @@ def evaluate(
     if "task" in results:
         results["files"] += write_task_report(results["task"], out)
     return results
-
-
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def _figure():
@@ -103,15 +97,17 @@ def write_lm_report(result: dict, out: Path) -> list[Path]:
         f"![loss by position]({plot.name})",
         "",
     ]
-    report = _write(out / "lm_eval.md", "\n".join(lines))
-    data = _write(out / "lm_eval.json", json.dumps(result, indent=2) + "\n")
+    report = write_text_atomic(out / "lm_eval.md", "\n".join(lines))
+    data = write_text_atomic(out / "lm_eval.json", json.dumps(result, indent=2) + "\n")
     return [data, report, plot]
 
 
 def write_task_report(result: dict, out: Path) -> list[Path]:
     summary = {k: v for k, v in result.items() if k != "examples"}
-    files = [_write(out / "task_eval.json", json.dumps(summary, indent=2) + "\n")]
-    files.append(_write(out / "predictions.jsonl", "".join(json.dumps(e) + "\n" for e in result["examples"])))
+    files = [write_text_atomic(out / "task_eval.json", json.dumps(summary, indent=2) + "\n")]
+    files.append(
+        write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(e) + "\n" for e in result["examples"]))
+    )
     m = result["metrics"]
     lines = [f"# Task evaluation: {Path(result['task']).name}", "", f"Run `{result['run_dir']}`, "]
     if result["kind"] == "generation":
@@ -159,5 +155,5 @@ def write_task_report(result: dict, out: Path) -> list[Path]:
             lines += ["", "![ROC curve](roc.png)"]
     for note in result.get("notes", []):
         lines += ["", f"Note: {note}"]
-    files.append(_write(out / "task_eval.md", "\n".join(lines) + "\n"))
+    files.append(write_text_atomic(out / "task_eval.md", "\n".join(lines) + "\n"))
     return files

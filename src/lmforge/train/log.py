@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
+from lmforge.files import write_text_atomic
 
 
 class MetricsLog:
@@ -26,9 +27,7 @@ class MetricsLog:
             self._rewrite()
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
         self.records.append(record)

@@ -33,7 +33,7 @@ from lmforge.config import BatchPlan, RunConfig, apply_overrides, conflicts, fla
 from lmforge.data.loader import DataDir
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import LMForgeError
-from lmforge.files import sha256_file
+from lmforge.files import sha256_file, write_text_atomic
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import has_lora, merged_state_dict
 from lmforge.train import checkpoint, dist, objectives
@@ -326,10 +326,8 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
             if tokenizer_config.is_file() and not (out / "tokenizer_config.json").exists():
                 shutil.copyfile(tokenizer_config, out / "tokenizer_config.json")
         for name, text in objective.files.items():
-            (out / f"{name}.tmp").write_text(text, encoding="utf-8")
-            os.replace(out / f"{name}.tmp", out / name)
-        config.save(out / "config.json.tmp")
-        os.replace(out / "config.json.tmp", out / "config.json")
+            write_text_atomic(out / name, text)
+        config.save(out / "config.json")
         checkpoint.remove_partial(out)
     dist.barrier(info)
 
