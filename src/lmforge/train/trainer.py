@@ -418,7 +418,8 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
     loss_value, val, bad_steps, stop_reason = float("nan"), {}, 0, "reached max_steps or the time budget"
     last_saved = step if state else None
     try:
-        while not is_done(step, elapsed):
+        finished = is_done(step, elapsed)
+        while not finished:  # one all-reduce per step decides it for every rank
             lr = lr_at(oc, step, progress(step, elapsed, tc.max_steps, tc.time))
             for optimizer in optimizers:
                 for group in optimizer.param_groups:
