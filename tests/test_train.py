@@ -42,6 +42,7 @@ def test_resume_after_crash_repeats_the_straight_run(tmp_path, char_data, monkey
     monkeypatch.setattr(checkpoint, "save", real_save)
     resumed = train(None, tmp_path / "crashed", progress_bar=False, echo=quiet)
     assert resumed["step"] == straight["step"] == 24
+    assert resumed["tokens"] == straight["tokens"] == 24 * 8 * 32
     assert losses(tmp_path / "crashed") == losses(tmp_path / "straight")
     a, b = LM.load(tmp_path / "straight").model, LM.load(tmp_path / "crashed").model
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):

@@ -3,7 +3,8 @@
 A run's config is `RunConfig(model, optim, train, early_stop, finetune, lora)`. It starts from a preset, then a
 JSON config file, then dotted overrides (`model.n_layer=6`), each value converted to the field's type; unknown fields
 and bad values raise `LMForgeError` naming the field. The resolved config is saved as the run dir's config.json; a
-config.json written before a section existed reads that section's defaults.
+config.json written before a section existed reads that section's defaults, and one written before a field existed
+the value its run had (BEFORE_FIELD).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ SFT_FORMATS = ("auto", "prompt", "chat", "translation", "summarization", "qa")
 OVERFLOW_POLICIES = ("truncate", "skip", "error")
 SAMPLERS = ("random", "balanced")
 POOLINGS = ("auto", "last", "mean")
+ORDERS = ("epoch", "random")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
 
 
@@ -85,7 +87,12 @@ class TrainConfig:
     objective: str = "clm"  # clm: next-token prediction; mlm: masked tokens (encoders); sft, classify: fine-tuning
     mlm_probability: float = 0.15
     label_smoothing: float = 0.0
-    max_bad_steps: int = 5  # stop after this many NaN/inf steps in a row (each is skipped)
+    order: str = "epoch"  # pretraining windows: epoch (each once per epoch, reshuffled) or random (any offset)
+    # Skip a batch whose loss is above spike_factor x the median loss of the last spike_window steps (pretraining:
+    # 3 or so). 0, the default: off, since fine-tuning losses near zero vary by more than any such factor.
+    spike_factor: float = 0.0
+    spike_window: int = 50  # the guard starts once it has this many steps' losses
+    max_bad_steps: int = 5  # stop after this many skipped batches in a row (NaN/inf loss or gradient, or spikes)
     dist: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2 fully_shard)
     log: str = ""  # extra loggers, comma-separated: tensorboard, wandb
     deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise-repeatable runs
@@ -95,6 +102,7 @@ class TrainConfig:
             ("train.precision", self.precision, PRECISIONS),
             ("train.objective", self.objective, OBJECTIVES),
             ("train.dist", self.dist, DIST_MODES),
+            ("train.order", self.order, ORDERS),
         ]
         for name, value, allowed in choices:
             if value not in allowed:
@@ -106,6 +114,11 @@ class TrainConfig:
             raise LMForgeError("train.mlm_probability must be in (0, 1) and train.label_smoothing in [0, 1)")
         if self.max_bad_steps < 1 or self.batch_tokens < 0:
             raise LMForgeError("train.max_bad_steps must be at least 1 and train.batch_tokens not negative")
+        if not (self.spike_factor == 0 or self.spike_factor > 1) or self.spike_window < 1:
+            raise LMForgeError(
+                "train.spike_factor must be 0 (off) or above 1, like 3, and train.spike_window at least 1; "
+                f"not {self.spike_factor} and {self.spike_window}"
+            )
         if self.max_steps < 0 or self.time < 0:
             raise LMForgeError("train.max_steps and train.time must not be negative")
         if self.batch_size < 1:
@@ -224,6 +237,11 @@ class BatchPlan:
         return cls(batch, micro, per_rank // micro, world_size)
 
 
+# What a config saved before a field existed meant, where that differs from the field's default: such a run dir
+# resumes doing what it did.
+BEFORE_FIELD: dict[str, Any] = {"train.order": "random"}
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -240,7 +258,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
-        return apply_overrides(cls(), flatten(data))
+        return apply_overrides(cls(), {**BEFORE_FIELD, **flatten(data)})
 
     def save(self, path: str | Path) -> None:
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -363,6 +381,8 @@ RESUMABLE_CHANGES = {
     "train.threads",
     "train.compile",
     "train.log",
+    "train.spike_factor",  # turned on (or tuned) to resume past a spike, the classic recovery
+    "train.spike_window",
     "early_stop.patience",
     "early_stop.min_delta",
 }

@@ -1,14 +1,17 @@
 """Batches of (inputs, targets) from a data dir's shards, and the batch order of record datasets.
 
-Training batches are random windows whose positions are a pure function of (seed, step, micro-step, rank):
-no loader state to save, and a resumed run draws exactly the batches an uninterrupted one would. Evaluation
-walks the val split in order, in non-overlapping windows. Fine-tuning records (data/sft.py, data/classify.py)
-are drawn the same way: `shuffled_indices` walks seeded permutations of the records, one per epoch.
+Training batches are a pure function of (seed, step, micro-step, rank): no loader state to save, and a resumed
+run draws exactly the batches an uninterrupted one would. Two orders (train.order): `epoch` tiles the train split
+into windows whose targets do not overlap and visits each once per epoch, in a fresh seeded order each epoch;
+`random` draws windows at random token offsets, with replacement. Evaluation walks the val split in order, in the
+same tiling. `shuffled_indices` walks the seeded permutations, one per epoch, of the windows in epoch order and of
+fine-tuning records (data/sft.py, data/classify.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ class DataDir:
         self.meta = load_meta(self.path)
         dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self.splits = {name: TokenSplit(self.path, info["shards"], dtype) for name, info in self.meta["splits"].items()}
+        self._tiles: dict[int, np.ndarray] = {}  # epoch_windows by seq_len
 
     @property
     def tokenizer_path(self) -> Path:
@@ -38,17 +42,42 @@ class DataDir:
                 f"use a larger corpus or a shorter context (--model.seq_len {max(8, n // 2)})"
             )
 
-    def train_batch(self, step: int, part: int, micro_batch: int, batch_size: int, seq_len: int, seed: int):
+    def epoch_windows(self, seq_len: int) -> np.ndarray:
+        """The windows that tile the train split, as window indices for TokenSplit.windows(..., seq_len + 1).
+
+        Windows start every seq_len tokens and hold seq_len + 1, so each token is a target exactly once (consecutive
+        windows share one token, an input in the second); the shorter tail of each shard is left out.
+        """
+        if seq_len not in self._tiles:
+            starts = self.splits["train"].window_starts(seq_len + 1)
+            first = np.concatenate([[0], np.cumsum(starts)[:-1]])
+            self._tiles[seq_len] = np.concatenate([f + np.arange(0, n, seq_len) for f, n in zip(first, starts)])
+        return self._tiles[seq_len]
+
+    def batch_windows(self, step: int, batch_size: int, seq_len: int, seed: int, order: str = "random") -> np.ndarray:
+        """The window indices (see TokenSplit.windows) of step `step`'s global batch of batch_size windows.
+
+        epoch: positions step*batch_size... of the endless sequence of seeded permutations of epoch_windows(), one
+        permutation per epoch; random: windows starting at any token, drawn with replacement from (seed, step).
+        """
+        if order == "epoch":
+            tiles = self.epoch_windows(seq_len)
+            return tiles[shuffled_indices(len(tiles), step, batch_size, seed)]
+        n_windows = int(self.splits["train"].window_starts(seq_len + 1).sum())
+        return np.random.default_rng([seed, step]).integers(0, n_windows, size=batch_size)
+
+    def train_batch(
+        self, step: int, part: int, micro_batch: int, batch_size: int, seq_len: int, seed: int, order: str = "random"
+    ):
         """(inputs, targets), each (micro_batch, seq_len) int64: part `part` of step `step`'s global batch.
 
-        The global batch (batch_size windows) is drawn from (seed, step) alone and cut into parts of micro_batch
-        rows; part = micro_step * world_size + rank. So one process accumulating two parts sees exactly the
-        rows that two processes see at once.
+        The global batch (batch_size windows, batch_windows) is drawn from (seed, step) alone and cut into parts of
+        micro_batch rows; part = micro_step * world_size + rank. So one process accumulating two parts sees exactly
+        the rows that two processes see at once.
         """
-        split = self.splits["train"]
-        n_windows = int(split.window_starts(seq_len + 1).sum())
-        starts = np.random.default_rng([seed, step]).integers(0, n_windows, size=batch_size)
-        rows = torch.from_numpy(split.windows(starts[part * micro_batch : (part + 1) * micro_batch], seq_len + 1))
+        starts = self.batch_windows(step, batch_size, seq_len, seed, order)
+        rows = self.splits["train"].windows(starts[part * micro_batch : (part + 1) * micro_batch], seq_len + 1)
+        rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
 
     def eval_batches(
@@ -108,8 +137,16 @@ def shuffled_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarra
     out = np.empty(batch_size, dtype=np.int64)
     for epoch in np.unique(epochs):
         chosen = epochs == epoch
-        out[chosen] = np.random.default_rng([seed, int(epoch)]).permutation(n)[offsets[chosen]]
+        out[chosen] = _permutation(n, seed, int(epoch))[offsets[chosen]]
     return out
+
+
+@lru_cache(maxsize=2)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """One epoch's order, kept: drawing it costs O(n), and every micro-batch of the epoch asks for it again."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False
+    return order
 
 
 def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:

@@ -56,10 +56,15 @@ class Batch:
 class Objective:
     name = ""
     n_classes = 0  # classification: the head's output size
+    epoch_size = 0  # samples per epoch, for the epoch count in metrics; 0: batches are not drawn in epochs
     files: dict[str, str] = {}  # files the run dir holds for this objective (a chat template, the labels)
     notes: list[str] = []  # what reading the data changed (truncated or skipped records), printed at the start
 
     def train_batch(self, step: int, part: int) -> Batch:
+        """Part `part` of global batch number `step`, a pure function of (seed, step, part).
+
+        step is the loop's data position: the optimizer step plus the batches skipped (NaN/inf, spikes) before it.
+        """
         raise NotImplementedError
 
     def eval_batches(self) -> Iterator[Batch]:
@@ -81,6 +86,8 @@ class LanguageModeling(Objective):
         self.config, self.plan = config, plan
         self.data = DataDir(config.data)
         self.data.check_context(config.model.seq_len)
+        if config.train.order == "epoch":
+            self.epoch_size = len(self.data.epoch_windows(config.model.seq_len))
         self.mlm = self.name == "mlm"
         if self.mlm:
             if config.model.causal:
@@ -99,8 +106,8 @@ class LanguageModeling(Objective):
         return mask_tokens(x, mc.vocab_size, self.mask_id, self.special, tc.mlm_probability, generator)
 
     def train_batch(self, step: int, part: int) -> Batch:
-        p, mc = self.plan, self.config.model
-        x, y = self.data.train_batch(step, part, p.micro_batch_size, p.batch_size, mc.seq_len, self.config.train.seed)
+        p, mc, tc = self.plan, self.config.model, self.config.train
+        x, y = self.data.train_batch(step, part, p.micro_batch_size, p.batch_size, mc.seq_len, tc.seed, tc.order)
         if self.mlm:
             x, y = self._masked(x, step, part)
         return Batch((x,), y, x.numel())
@@ -141,6 +148,7 @@ class SupervisedFinetuning(Objective):
             self.pad_id = tokenizer.eot_id  # padding is never a target, so any id serves
         self.files = {CHAT_TEMPLATE_FILE: CHATML_TEMPLATE} if self.recipe.chat else {}
         self.rows = [example.inputs_and_targets() for example in self.train_set]
+        self.epoch_size = len(self.rows)
         self.val_rows = [example.inputs_and_targets() for example in self.val_set]
 
     def _batch(self, rows: list[tuple[list[int], list[int]]]) -> Batch:
@@ -187,6 +195,7 @@ class Classification(Objective):
             + ("; balanced sampler" if ft.sampler == "balanced" else "")
         ]
         self.train_labels = [item.label for item in self.train_set]
+        self.epoch_size = len(self.train_set) if ft.sampler == "random" else 0
 
     def batch(self, items: list[classify.Item]) -> Batch:
         x, lengths, labels = classify.collate(items, self.pad_id)

@@ -3,7 +3,9 @@
 `train()` resolves the config (preset, config file, overrides, or the run dir's own config when resuming),
 builds the model and optimizers, resumes from the newest complete checkpoint if there is one, and runs:
 batch, forward, loss, backward, clip, step, schedule, log, maybe-eval, maybe-save. Batches are a pure
-function of (seed, step), RNG states are checkpointed, so a resumed run repeats an uninterrupted one.
+function of (seed, batch number), and the batch number, RNG states and the spike guard's recent losses are
+checkpointed, so a resumed run repeats an uninterrupted one. A batch whose loss or gradient is NaN/inf, or whose
+loss spikes (train.spike_factor), is skipped: no update, and the next batch is drawn for the same step.
 
 `finetune()` makes a new run from a base run (its model config and newest weights, loaded into a fresh optimizer)
 and runs the same loop with another objective (train/objectives.py: sft, classify) and, with `lora.rank`, LoRA
@@ -15,12 +17,14 @@ wraps the model from outside (train/dist.py), and only rank 0 writes logs and ch
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -301,6 +305,7 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     precision, autocast, scaler = setup_precision(tc.precision, device)
+    peak = peak_flops(device) * info.world_size  # before seeding: the CPU probe draws random numbers
 
     torch.manual_seed(tc.seed)
     model = GPT(mc).to(device)
@@ -340,18 +345,21 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
             f"resume with torchrun --nproc_per_node {state.get('world_size', 1)}"
         )
     state = state or {}
-    step = state.get("step", 0)
+    step = state.get("step", 0)  # optimizer steps taken
+    position = state.get("data_position", step)  # batches drawn: step plus the batches skipped
     tokens_seen = state.get("tokens", 0)
     elapsed_before = state.get("elapsed", 0.0)
     best_val, best_step = state.get("best_val_loss"), state.get("best_step")
     bad_evals = state.get("bad_evals", 0)
+    skipped = state.get("skipped_batches", 0)
+    recent_losses = collections.deque(state.get("recent_losses", []), maxlen=tc.spike_window)  # the spike guard's
+    loss_value, val = state.get("train_loss", float("nan")), state.get("val", {})
     if state:
         checkpoint.set_rng_state(state["rng"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
     metrics = MetricsLog(out, step) if info.is_main else None
     loggers = Loggers(out, tc.log, config.to_dict()) if info.is_main else None
-    peak = peak_flops(device) * info.world_size
 
     tokens_per_step = plan.batch_size * mc.seq_len  # for records, counted from each step's batches
     if info.is_main:
@@ -381,6 +389,11 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
         done = bool((tc.max_steps and step >= tc.max_steps) or (tc.time and elapsed >= tc.time))
         return dist.all_agree(done, info, device)  # ranks' clocks differ: stop together
 
+    def is_spike(loss: float) -> bool:
+        """Whether loss is above spike_factor x the median of the last spike_window steps' losses."""
+        full = len(recent_losses) == tc.spike_window
+        return bool(tc.spike_factor and full and loss > tc.spike_factor * statistics.median(recent_losses))
+
     def save() -> Path:
         run_state = {
             "tokens": tokens_seen,
@@ -388,7 +401,11 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
             "best_val_loss": best_val,
             "best_step": best_step,
             "bad_evals": bad_evals,
-            "data_position": step,
+            "data_position": position,
+            "skipped_batches": skipped,
+            "recent_losses": list(recent_losses),
+            "train_loss": loss_value,
+            "val": val,
             "world_size": info.world_size,
             "config_sha256": config_hash,
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -415,10 +432,12 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
     started = time.time()
     elapsed = elapsed_before
     window_tokens, window_start = 0, time.time()
-    loss_value, val, bad_steps, stop_reason = float("nan"), {}, 0, "reached max_steps or the time budget"
+    bad_steps, stop_reason = 0, "reached max_steps or the time budget"
     last_saved = step if state else None
     try:
         finished = is_done(step, elapsed)
+        if es.patience and bad_evals >= es.patience:  # a run that stopped early, resumed with the same patience
+            finished, stop_reason = True, f"early stopping: best val loss {best_val:.4f} at step {best_step}"
         while not finished:  # one all-reduce per step decides it for every rank
             lr = lr_at(oc, step, progress(step, elapsed, tc.max_steps, tc.time))
             for optimizer in optimizers:
@@ -426,7 +445,7 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
                     group["lr"] = lr
             loss_sum, step_tokens = 0.0, 0
             for micro_step in range(plan.accumulation):
-                batch = objective.train_batch(step, micro_step * info.world_size + info.rank).to(device)
+                batch = objective.train_batch(position, micro_step * info.world_size + info.rank).to(device)
                 last = micro_step == plan.accumulation - 1
                 sync = (
                     contextlib.nullcontext() if last or not hasattr(train_model, "no_sync") else train_model.no_sync()
@@ -448,17 +467,26 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
                     scaler.unscale_(optimizer)
             grad_norm = clip_gradients(module, oc.grad_clip)
             bad = not math.isfinite(loss_value) or (scaler is None and not math.isfinite(grad_norm))
-            if dist.all_agree(bad, info, device):
+            spike = not bad and is_spike(loss_value)
+            if dist.all_agree(bad or spike, info, device):  # skip the batch: no update, the next batch
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.update()
-                bad_steps += 1
-                log({"step": step, "skipped": "non-finite loss or gradient", "bad_steps": bad_steps})
+                position, bad_steps, skipped = position + 1, bad_steps + 1, skipped + 1
+                reason = "loss spike" if spike else "non-finite loss or gradient"
+                # logged as the step it was drawn for: a resume from the checkpoint before drops it and redoes it
+                log({"step": step + 1, "skipped": reason, "batch": position - 1, "batch_loss": round(loss_value, 7),
+                     "bad_steps": bad_steps, "skipped_batches": skipped})  # fmt: skip
                 if bad_steps >= tc.max_bad_steps:
+                    cause = (
+                        f"the loss was over {tc.spike_factor:g}x the median loss of the last {tc.spike_window} steps"
+                        if spike
+                        else "loss or gradient was NaN/inf"
+                    )
                     raise LMForgeError(
-                        f"loss or gradient was NaN/inf for {bad_steps} steps in a row at step {step}; "
-                        f"lower --optim.lr (now {oc.lr:g}); checkpoints are intact"
+                        f"{cause} for {bad_steps} batches in a row at step {step}; lower --optim.lr "
+                        f"(now {oc.lr:g}){' or raise --train.spike_factor' if spike else ''}; checkpoints are intact"
                     )
                 continue
             bad_steps = 0
@@ -470,7 +498,8 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
                 optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.update()
-            step += 1
+            step, position = step + 1, position + 1
+            recent_losses.append(loss_value)
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             elapsed = elapsed_before + time.time() - started
@@ -480,10 +509,12 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
                 rate = window_tokens / max(1e-9, time.time() - window_start)
                 window_tokens, window_start = 0, time.time()
                 mfu = rate * flops_per_token / peak if peak else 0.0
+                epochs = position * plan.batch_size / max(objective.epoch_size, 1)  # passes over the data, if any
+                epoch = {"epoch": round(epochs, 4)} if objective.epoch_size else {}
                 log(
                     {"step": step, "loss": round(loss_value, 7), "lr": lr, "grad_norm": round(grad_norm, 4),
                      "tokens": tokens_seen, "tokens_per_s": round(rate, 1), "mfu": round(mfu, 4),
-                     "elapsed": round(elapsed, 2)}
+                     "elapsed": round(elapsed, 2), **epoch}
                 )  # fmt: skip
                 bar.set_postfix_str(f"step {step} loss {loss_value:.4f} {rate:,.0f} tok/s MFU {mfu:.1%}", refresh=False)
             if step % tc.eval_every == 0 or finished:
