@@ -4,8 +4,9 @@
     python bench/throughput.py --sizes 12x768x1024 --batch 16 --device cuda --steps 30
 
 The reference is the textbook Transformer stack built from torch.nn.TransformerEncoder (pre-norm, GELU,
-a causal mask) with the same embedding, width, depth, heads, context and batch, trained with the same AdamW.
-Each configuration runs a few warm-up steps, then --steps timed steps; the figures are tokens/s.
+a causal mask) with the same embedding, width, depth, heads, context and batch, trained with the same AdamW
+(fused, as lmforge trains), so the ratio compares the models alone. Each configuration runs a few warm-up steps,
+then --steps timed steps; the figures are tokens/s.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Runner:
 
     def __init__(self, model, batch: int, seq_len: int, vocab: int, device, autocast):
         self.model, self.device, self.autocast = model.to(device).train(), device, autocast
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         self.x = torch.randint(0, vocab, (batch, seq_len), device=device)
         self.y = torch.randint(0, vocab, (batch, seq_len), device=device)
         self.time(3)  # warm-up (and compilation, for a compiled model)
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile (fp32 and bf16)")
     args = parser.parse_args()
     device = torch.device(args.device)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16)
@@ -97,6 +98,9 @@ def main() -> None:
             "reference_fp32": Runner(
                 Reference(args.vocab, seq_len, n_layer, n_head, n_embd), args.batch, seq_len, args.vocab, device, plain
             ),
+            "reference_bf16": Runner(
+                Reference(args.vocab, seq_len, n_layer, n_head, n_embd), args.batch, seq_len, args.vocab, device, bf16
+            ),
             "ours_fp32": Runner(GPT(config), args.batch, seq_len, args.vocab, device, plain),
             "ours_bf16": Runner(GPT(config), args.batch, seq_len, args.vocab, device, bf16_ctx),
         }
@@ -104,11 +108,16 @@ def main() -> None:
             runners["ours_fp32_compiled"] = Runner(
                 torch.compile(GPT(config)), args.batch, seq_len, args.vocab, device, plain
             )
+            runners["ours_bf16_compiled"] = Runner(
+                torch.compile(GPT(config)), args.batch, seq_len, args.vocab, device, bf16_ctx
+            )
         # Interleaved rounds, best of each: a shared machine's noise hits every variant alike.
         for _ in range(args.rounds):
             for name, runner in runners.items():
                 row[name] = max(row.get(name, 0.0), runner.time(args.steps))
-        row["ratio_fp32"] = row["ours_fp32"] / row["reference_fp32"]
+        for name in runners:
+            if name != "reference_fp32":
+                row[f"ratio_{name.removeprefix('ours_')}"] = row[name] / row["reference_fp32"]
         rows.append({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})
     print(json.dumps({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "machine": platform.machine(), "results": rows}, indent=2))  # fmt: skip

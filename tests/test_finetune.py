@@ -24,6 +24,7 @@ from lmforge.errors import LMForgeError
 from lmforge.eval.tasks import evaluate_task
 from lmforge.interop import export_hf
 from lmforge.model.gpt import GPT, ModelConfig
+from lmforge.model.lora import LoRALinear, apply_lora, merged_state_dict
 from lmforge.train import checkpoint
 from lmforge.train.objectives import SupervisedFinetuning, task_module
 from lmforge.train.trainer import finetune, train
@@ -225,6 +226,29 @@ def test_lora_trains_only_the_adapters_and_the_merged_model_equals_the_unmerged(
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, merged_logits, atol=1e-4)
+
+
+def test_lora_on_q_and_v_changes_only_their_rows_of_the_fused_projection():
+    """Targets q_proj and v_proj adapt the query and value rows of qkv_proj (with GQA: k and v are narrower)."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=20, seq_len=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    model = GPT(config).eval()
+    plain = GPT(config).eval()
+    plain.load_state_dict(model.state_dict())
+    wrapped = apply_lora(model, ["q_proj", "v_proj"], rank=2, alpha=4.0)
+    assert wrapped == ["blocks.0.attn.qkv_proj[q,v]", "blocks.1.attn.qkv_proj[q,v]"]
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            assert module.lora_B.shape == (32 + 16, 2)  # 4 query heads and 2 value heads of 8
+            torch.nn.init.normal_(module.lora_B)
+    merged = merged_state_dict(model)
+    weight, before = merged["blocks.0.attn.qkv_proj.weight"], plain.state_dict()["blocks.0.attn.qkv_proj.weight"]
+    changed = (weight != before).any(dim=1)
+    assert changed[:32].all() and not changed[32:48].any() and changed[48:].all()  # q rows, not k rows, v rows
+    plain.load_state_dict(merged)
+    ids = torch.randint(0, 20, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(model(ids)[0], plain(ids)[0], atol=1e-5)
 
 
 def test_chat_template_is_stored_and_round_trips_through_export(tmp_path):

@@ -11,7 +11,6 @@ from lmforge.generate import (
     SamplingParams,
     TextStream,
     beam_search,
-    forward_rows,
     generate,
     sample,
 )
@@ -42,8 +41,9 @@ def tokens(completions) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("fields", VARIANTS.values(), ids=VARIANTS.keys())
-def test_forward_rows_equals_the_models_forward(fields):
-    """Rows at different positions, prefilled together then decoded one token at a time, give GPT.forward's logits."""
+def test_rows_at_different_positions_equal_one_row_at_a_time(fields):
+    """Rows at different positions in cache slots, prefilled together then decoded a token at a time, give the
+    logits each row gets alone with no cache."""
     model = model_for(**fields)
     full = [p + [7, 1, 8, 2, 8, 1, 8] for p in PROMPTS]
     lengths = [len(p) for p in PROMPTS]
@@ -53,19 +53,19 @@ def test_forward_rows_equals_the_models_forward(fields):
         cache = KVCache.for_model(model, 4)
         with torch.no_grad():
             ids = torch.tensor([p + [0] * (width - len(p)) for p in PROMPTS])
-            hidden = forward_rows(model, ids, [0, 0, 0], cache, slots)
+            logits, _ = model(ids, cache=cache, pos=[0, 0, 0], slots=slots)
             for row, length in enumerate(lengths):
                 want = model(torch.tensor([full[row][:length]]))[0][0]
-                assert torch.allclose(model.lm_head(hidden[row, :length]), want, atol=1e-5)
+                assert torch.allclose(logits[row, :length], want, atol=1e-5)
             for step in range(5):
                 ids = torch.tensor([[f[n + step]] for f, n in zip(full, lengths)])
-                logits = model.lm_head(forward_rows(model, ids, [n + step for n in lengths], cache, slots)[:, 0])
+                logits = model(ids, cache=cache, pos=[n + step for n in lengths], slots=slots)[0][:, 0]
                 for row, n in enumerate(lengths):
                     want = model(torch.tensor([full[row][: n + step + 1]]))[0][0, -1]
                     assert torch.allclose(logits[row], want, atol=1e-5)
             # two new tokens per row at different positions: the masked path
             ids = torch.tensor([[f[n + 5], f[n + 6]] for f, n in zip(full, lengths)])
-            logits = model.lm_head(forward_rows(model, ids, [n + 5 for n in lengths], cache, slots))
+            logits = model(ids, cache=cache, pos=[n + 5 for n in lengths], slots=slots)[0]
             for row, n in enumerate(lengths):
                 want = model(torch.tensor([full[row][: n + 7]]))[0][0, -2:]
                 assert torch.allclose(logits[row], want, atol=1e-5)

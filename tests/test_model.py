@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lmforge.errors import LMForgeError
-from lmforge.model.gpt import GPT, MLP, ModelConfig, Norm, apply_rope, rope_tables, sinusoidal_table
+from lmforge.model.gpt import GPT, MLP, ModelConfig, Norm, apply_rope, rope_tables, sinusoidal_table, split_qkv
 
 VARIANTS = {
     "gpt2": {},
@@ -183,9 +183,9 @@ def test_grouped_query_attention_equals_multi_head_with_shared_keys(n_kv_head):
     """GQA/MQA is MHA whose query heads in a group share one key and value head (query head h uses kv head
     h // (n_head / n_kv_head), as in transformers' repeat_kv)."""
     gqa = tiny_model(n_head=4, n_kv_head=n_kv_head, pos_emb="rope")
-    assert gqa.blocks[0].attn.k_proj.weight.shape == (n_kv_head * 8, 32)
+    assert gqa.blocks[0].attn.qkv_proj.weight.shape == ((4 + 2 * n_kv_head) * 8, 32)
     mha = tiny_model(n_head=4, pos_emb="rope")
-    state = gqa.state_dict()
+    state = split_qkv(gqa.state_dict(), gqa.config)  # separate q/k/v tensors, as older checkpoints hold them
     for name, tensor in state.items():
         if ".k_proj." in name or ".v_proj." in name:  # (n_kv_head * head_dim, ...) -> (n_head * head_dim, ...)
             heads = tensor.view(n_kv_head, 8, *tensor.shape[1:])
@@ -202,7 +202,7 @@ def test_bias_switches_every_bias(bias):
     assert bool(names) == bias
     if bias:  # every linear layer and every layernorm
         assert {
-            "blocks.0.attn.q_proj.bias",
+            "blocks.0.attn.qkv_proj.bias",
             "blocks.0.mlp.down_proj.bias",
             "blocks.1.attn_norm.bias",
             "norm.bias",
@@ -224,8 +224,7 @@ def test_qk_norm_makes_attention_blind_to_query_and_key_scale():
         before, _ = model(idx)
         with torch.no_grad():
             for block in model.blocks:
-                block.attn.q_proj.weight.mul_(7.0)
-                block.attn.k_proj.weight.mul_(7.0)
+                block.attn.qkv_proj.weight[: 2 * 32].mul_(7.0)  # the query and key rows
         after, _ = model(idx)
         assert torch.allclose(before, after, atol=1e-4) == qk_norm
     assert tiny_model(qk_norm=True).blocks[0].attn.q_norm.weight.shape == (16,)  # per head: head_dim wide
@@ -248,7 +247,9 @@ def test_encoder_is_not_causal_anywhere():
     changed = idx.clone()
     changed[0, -1] = (changed[0, -1] + 1) % 50
     assert not torch.allclose(model(idx)[0][0, 0], model(changed)[0][0, 0])
-    assert not any(block.attn.causal for block in model.blocks)
+    causal = tiny_model(causal=True, pos_emb="rope", norm="rmsnorm", mlp="swiglu")
+    causal.load_state_dict(model.state_dict())  # the same weights, masked: the first position cannot see the last
+    assert torch.allclose(causal(idx)[0][0, 0], causal(changed)[0][0, 0])
 
 
 def test_every_config_field_has_a_test():

@@ -32,7 +32,7 @@ OVERFLOW_POLICIES = ("truncate", "skip", "error")
 SAMPLERS = ("random", "balanced")
 POOLINGS = ("auto", "last", "mean")
 ORDERS = ("epoch", "random")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
 
 
 @dataclass

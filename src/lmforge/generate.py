@@ -4,9 +4,6 @@ Top to bottom:
 - `SamplingParams`: every setting of one request, validated once, with messages that say what to do.
 - `sample()`: logits -> token ids. Pure but for its random generators; parameters may differ per row, so one
   call serves a batch of requests that asked for different things.
-- `forward_rows()`: the model's forward pass for rows at *different* positions (prompts of different lengths,
-  requests that joined at different steps), each reading and writing its own row of a preallocated `KVCache`.
-  `GPT.forward` takes one position for the whole batch; this reuses the model's modules and is tested equal to it.
 - `Sequence`: one prompt being continued: its tokens, random generator, text, stop conditions and log-probs.
 - `Engine`: continuous batching. Sequences join and leave between steps and every step decodes one token for
   all of them in one forward pass. The Python API, the CLI, the chat and the server all drive this one class.
@@ -26,10 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
-from lmforge.model.gpt import apply_rope
 from lmforge.model.kv_cache import KVCache
 
 MAX_STOP_STRINGS = 16
@@ -227,99 +222,6 @@ def sample(
     # Rounding can land u * total past the last kept token; the most likely token is then the safe answer.
     ids = torch.where(probs.gather(-1, ids[:, None]).squeeze(-1) > 0, ids, probs.argmax(dim=-1))
     return torch.where(greedy, best, ids)
-
-
-# ------------------------------------------------------------------------------------------ the forward pass
-
-
-def fused_qkv(model) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per layer, the query, key and value projections stacked into one weight (and bias): one matmul, not three."""
-    fused = []
-    for block in model.blocks:
-        a = block.attn
-        weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-        bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if a.q_proj.bias is not None else None
-        fused.append((weight, bias))
-    return fused
-
-
-def forward_rows(
-    model,
-    ids: torch.Tensor,
-    starts: list[int],
-    cache: KVCache,
-    slots: list[int],
-    qkv: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
-) -> torch.Tensor:
-    """ids (B, T), row b at positions starts[b].. -> final hidden states (B, T, n_embd), rows at different positions.
-
-    Row b's keys and values are written to cache row slots[b], and its queries see that row's keys up to their
-    own position. The same computation as GPT.forward (tests hold them equal), with a position per row. The common
-    cases take cheaper paths: rows at one shared position need no mask, and consecutive slots are read as a view.
-    `qkv` (from fused_qkv, made once per set of weights) does each layer's three input projections in one matmul.
-    """
-    config = model.config
-    B, T = ids.shape
-    device = ids.device
-    shared = all(start == starts[0] for start in starts)
-    span = slice(slots[0], slots[0] + B) if slots == list(range(slots[0], slots[0] + B)) else None
-    if shared:
-        positions = torch.arange(starts[0], starts[0] + T, device=device)  # (T,), the same for every row
-    else:
-        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
-    # The residual stream is kept as (B*T, n_embd): linear layers on 2-D inputs take a faster path than on 3-D.
-    x = model.tok_emb(ids)  # (B, T, n_embd)
-    if model.pos_emb is not None:
-        x = x + model.pos_emb(positions)
-    elif config.pos_emb == "sinusoidal":
-        x = x + model.sin_table[positions].to(x.dtype)
-    x = x.view(B * T, -1)
-    rope = None
-    if config.pos_emb == "rope":
-        rope = (model.rope_cos[positions], model.rope_sin[positions])  # (T, head_dim/2)
-        if not shared:
-            rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, head_dim/2)
-    end = max(starts) + T
-    mask, is_causal = None, False
-    if shared and T > 1 and starts[0] == 0:
-        is_causal = True  # a prompt from the start, padded on the right: plain causal attention, as GPT.forward
-    elif not (shared and T == 1):  # one new token per row at one position sees every cached key: no mask
-        key_pos = torch.arange(end, device=device)
-        mask = (key_pos[None, None, :] <= positions.expand(B, T)[:, :, None])[:, None]  # (B, 1, T, end)
-    index = (
-        None if span is not None and shared else (torch.tensor(slots, device=device)[:, None], positions.expand(B, T))
-    )
-    q_size, kv_size = config.n_head * config.head_dim, config.kv_heads * config.head_dim
-    for layer, block in enumerate(model.blocks):
-        attn = block.attn
-        h = block.attn_norm(x)
-        if qkv is not None:
-            q, k, v = F.linear(h, *qkv[layer]).split([q_size, kv_size, kv_size], dim=-1)
-        else:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        q = q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        v = v.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if index is None:
-            cache.k[layer, span, :, starts[0] : starts[0] + T] = k
-            cache.v[layer, span, :, starts[0] : starts[0] + T] = v
-        else:  # (B, T, n_kv_head, head_dim) into each row's slot at its positions
-            cache.k[layer][index[0], :, index[1]] = k.transpose(1, 2)
-            cache.v[layer][index[0], :, index[1]] = v.transpose(1, 2)
-        if span is not None:
-            keys, values = cache.k[layer, span, :, :end], cache.v[layer, span, :, :end]  # (B, n_kv_head, end, hd)
-        else:
-            keys, values = cache.k[layer][slots, :, :end], cache.v[layer][slots, :, :end]
-        y = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=attn.n_kv_head != attn.n_head
-        )  # (B, n_head, T, head_dim)
-        x = x + attn.o_proj(y.transpose(1, 2).reshape(B * T, attn.n_head * attn.head_dim))
-        x = x + block.mlp(block.mlp_norm(x))
-    return model.norm(x).view(B, T, -1)
 
 
 # ------------------------------------------------------------------------------------------------- sequences
@@ -525,7 +427,6 @@ class Engine:
         self.device = next(model.parameters()).device
         self.slots: list[Sequence | None] = [None] * max_batch
         self.cache: KVCache | None = None
-        self.qkv: list | None = None  # fused projections, made at the first step: an engine reads weights once
         self.steps = 0
         self.tokens_generated = 0
 
@@ -577,9 +478,8 @@ class Engine:
             new = [s.window[s.cached :] for s in seqs]
             width = max(len(n) for n in new)
             ids = torch.tensor([n + [0] * (width - len(n)) for n in new], device=device)  # right-padded
-            if self.qkv is None:
-                self.qkv = fused_qkv(model)
-            hidden = forward_rows(model, ids, [s.cached for s in seqs], self.cache, [s.slot for s in seqs], self.qkv)
+            starts, slots = [s.cached for s in seqs], [s.slot for s in seqs]
+            hidden, _ = model(ids, cache=self.cache, pos=starts, slots=slots, return_hidden=True)
             if width > 1:  # each row's last real token
                 hidden = hidden[torch.arange(len(seqs), device=device), torch.tensor([len(n) - 1 for n in new])]
             else:

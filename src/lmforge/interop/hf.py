@@ -4,7 +4,8 @@ A family (GPT-2, Llama) is declared as data: the values of our config fields it 
 becomes its config.json and back, and a weight-name map from our parameter names to its tensor names. One pair
 of loops applies a map in either direction, so adding a family is adding a table, and export and import cannot
 drift apart. GPT-2 stores its projections as `Conv1D`, the transpose of `nn.Linear`, and fuses q, k and v into
-one `c_attn` tensor; a map row says so with `transpose` and `part`.
+one `c_attn` tensor; a map row says so with `transpose` and `part`. Our own fused `qkv_proj` is cut into q, k and
+v before a map is applied (`split_qkv`), and stacked again when the weights load.
 
 Exported directories hold safetensors and JSON only (config.json, generation_config.json, tokenizer.json,
 tokenizer_config.json, special_tokens_map.json): loading them needs `transformers` and nothing of ours, and
@@ -32,7 +33,7 @@ from lmforge.chat import CHAT_TEMPLATE_FILE, IM_END, load_chat_template
 from lmforge.config import RunConfig
 from lmforge.data.tokenizer import EOT
 from lmforge.errors import LMForgeError
-from lmforge.model.gpt import GPT, ModelConfig
+from lmforge.model.gpt import GPT, ModelConfig, split_qkv
 from lmforge.train import checkpoint
 
 PAD = "<|pad|>"
@@ -287,7 +288,7 @@ def expand(family: Family, n_layer: int) -> list[Weight]:
 def to_hf_tensors(model: GPT, family: Family) -> dict[str, torch.Tensor]:
     """Our state dict under the family's names, fused and transposed as it stores them."""
     c = model.config
-    ours = model.state_dict()
+    ours = split_qkv(model.state_dict(), c)  # the maps name q, k and v apiece, as most families store them
     rows = [row for row in expand(family, c.n_layer) if row.ours in ours]
     if c.tie_embeddings:  # transformers ties lm_head to the embedding itself when tie_word_embeddings is set
         rows = [row for row in rows if row.ours != "lm_head.weight"]
@@ -306,11 +307,14 @@ def to_hf_tensors(model: GPT, family: Family) -> dict[str, torch.Tensor]:
 
 
 def from_hf_tensors(tensors: dict[str, torch.Tensor], family: Family, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """A state dict for GPT(config) from the family's tensors; every tensor must be used, and every weight found."""
+    """A state dict GPT(config) loads, from the family's tensors; every tensor must be used, and every weight found.
+
+    Its q, k and v projections are separate tensors, as the maps name them; GPT's load_state_dict fuses them.
+    """
     if not any(name.startswith(family.base_prefix) for name in tensors):  # e.g. the original GPT-2 files
         tensors = {name if name.startswith("lm_head.") else family.base_prefix + name: t for name, t in tensors.items()}
     with torch.device("meta"):
-        shapes = {name: t.shape for name, t in GPT(config).state_dict().items()}
+        shapes = {name: t.shape for name, t in split_qkv(GPT(config).state_dict(), config).items()}
     rows = [row for row in expand(family, config.n_layer) if row.ours in shapes]
     if config.tie_embeddings:
         rows = [row for row in rows if row.ours != "lm_head.weight"]

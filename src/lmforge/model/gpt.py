@@ -2,7 +2,9 @@
 
 Every architecture lmforge trains is this one module; the variants (GPT-2, Llama, BERT-style encoder) are
 config fields, not subclasses. The module holds no infrastructure: no optimizer, I/O, logging or
-distributed code lives here (see `lmforge.train`), and generation lives in `lmforge.generate`.
+distributed code lives here (see `lmforge.train`), and sampling lives in `lmforge.generate`. The one forward
+pass serves training and decoding alike: rows of a batch may stand at different positions and write their keys
+and values to chosen rows of a `KVCache`, which is what continuous batching needs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import LMForgeError
+from lmforge.model.kv_cache import KVCache, Placement
 
 POS_EMBS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
@@ -110,6 +113,63 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+def qkv_sizes(config: ModelConfig) -> list[int]:
+    """Output widths of the query, key and value slices of the fused qkv_proj."""
+    kv = config.kv_heads * config.head_dim
+    return [config.n_head * config.head_dim, kv, kv]
+
+
+def fuse_qkv(state: dict[str, torch.Tensor], prefix: str) -> None:
+    """In place: separate `{prefix}q_proj`, `k_proj` and `v_proj` tensors become one `{prefix}qkv_proj`.
+
+    Checkpoints from before the fused projection, and imports whose maps name the three projections, load so.
+    """
+    for leaf in ("weight", "bias"):
+        names = [f"{prefix}{part}_proj.{leaf}" for part in "qkv"]
+        if all(name in state for name in names):
+            state[f"{prefix}qkv_proj.{leaf}"] = torch.cat([state.pop(name) for name in names])
+
+
+def split_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A copy of a GPT state dict with each qkv_proj cut into q_proj, k_proj and v_proj (views, no copies)."""
+    out = {}
+    for name, tensor in state.items():
+        owner, _, leaf = name.rpartition(".")
+        if owner.endswith("qkv_proj"):
+            base = owner[: -len("qkv_proj")]
+            for part, piece in zip("qkv", tensor.split(qkv_sizes(config))):
+                out[f"{base}{part}_proj.{leaf}"] = piece
+        else:
+            out[name] = tensor
+    return out
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention, except that on CPU attention trained in bf16 is computed in fp32.
+
+    PyTorch's CPU flash-attention kernels are slower in bf16 than in fp32, the backward most of all (2.4x at
+    12x2x64x64, bench/throughput.py records the effect on a training step), so under bf16 autocast on CPU the
+    scores are computed from fp32 copies of q, k and v and the output is cast back. Inference keeps bf16: there
+    the casts of a long KV cache cost more than they save.
+    """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad:
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+@dataclass
+class Context:
+    """What every layer of one forward pass shares: rotary tables, the attention mask, the cache placement."""
+
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: (T, head_dim/2) or (B, 1, T, head_dim/2)
+    mask: torch.Tensor | None = None  # bool, True where a query may attend to a key; broadcast to (B, heads, T, keys)
+    is_causal: bool = False
+    cache: KVCache | None = None
+    place: Placement | None = None
+
+
 class Norm(nn.Module):
     def __init__(self, dim: int, kind: str, eps: float, bias: bool):
         super().__init__()
@@ -124,48 +184,46 @@ class Norm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention with one fused input projection: q, k and v come from a single matmul.
+
+    `qkv_proj` stacks the query (n_head heads), key and value (n_kv_head heads each) projections along its
+    output dimension, in that order. Checkpoints written with three separate q/k/v projections load unchanged:
+    `_load_from_state_dict` stacks them (see `fuse_qkv`).
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        self.causal, self.dropout = config.causal, config.dropout
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=config.bias)
-        self.k_proj = nn.Linear(config.n_embd, config.kv_heads * self.head_dim, bias=config.bias)
-        self.v_proj = nn.Linear(config.n_embd, config.kv_heads * self.head_dim, bias=config.bias)
+        self.dropout = config.dropout
+        self.sizes = qkv_sizes(config)
+        self.qkv_proj = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.q_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, False) if config.qk_norm else None
         self.k_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, False) if config.qk_norm else None
 
-    def forward(self, x, rope=None, cache=None, layer=0, pos=0, attention_mask=None):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        fuse_qkv(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, ctx: Context, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v, pos)  # (B, n_kv_head, pos + T, head_dim)
-        mask, is_causal = None, False
-        if self.causal:
-            if k.size(2) == T:
-                is_causal = True
-            elif T > 1:  # a chunk of new queries after cached keys: query i sees keys <= pos + i
-                key_pos = torch.arange(k.size(2), device=x.device)
-                mask = key_pos[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]
-        if attention_mask is not None:  # (B, T), False at padding: no query attends to a padded key
-            mask = attention_mask[:, None, None, :]  # (B, 1, 1, T)
-            if self.causal:
-                mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            is_causal = False
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(layer, k, v, ctx.place)  # (B, n_kv_head, keys so far, head_dim)
         # The mask is applied to the scores before the softmax, inside scaled_dot_product_attention.
-        y = F.scaled_dot_product_attention(
+        y = attend(
             q,
             k,
             v,
-            attn_mask=mask,
-            is_causal=is_causal,
+            attn_mask=ctx.mask,
+            is_causal=ctx.is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, n_head, T, head_dim)
@@ -198,11 +256,15 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp_norm = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
         self.mlp = MLP(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
-    def forward(self, x, rope=None, cache=None, layer=0, pos=0, attention_mask=None):
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, layer, pos, attention_mask))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+    def forward(self, x: torch.Tensor, ctx: Context, layer: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), ctx, layer))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        # A plain call, not an nn.Dropout module: a module call per layer costs a decoding step measurable time.
+        return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
 
 
 class GPT(nn.Module):
@@ -213,7 +275,6 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.seq_len, config.n_embd) if config.pos_emb == "learned" else None
-        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -272,31 +333,44 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        cache=None,
-        pos: int = 0,
+        cache: KVCache | None = None,
+        pos: int | list[int] = 0,
         attention_mask: torch.Tensor | None = None,
         return_hidden: bool = False,
+        slots: list[int] | None = None,
     ):
-        """idx: (B, T) token ids at positions pos..pos+T-1. Returns logits (B, T, vocab) and the loss if targets.
+        """idx: (B, T) token ids. Returns logits (B, T, vocab) and the loss if targets.
 
+        Row b holds positions pos..pos+T-1, or pos[b]..pos[b]+T-1 when pos is a list: rows of a batch may stand at
+        different positions (prompts of different lengths, requests that joined a batch at different steps).
+        With a cache, row b's keys and values are written to cache row slots[b] (default b) at its positions, and
+        its queries see that row's cached keys up to their own position; rows may be right-padded, since a padded
+        position's key is seen only by later positions, which overwrite it before any real query reads it.
         With targets, the loss is the mean cross-entropy over targets that are not -100. attention_mask (B, T) is
-        False at padding, which no position attends to (right-padded rows for an encoder). return_hidden gives the
-        final normed hidden states (B, T, n_embd) in place of logits, for a task head.
+        False at padding, which no position attends to (right-padded rows for an encoder; no cache). return_hidden
+        gives the final normed hidden states (B, T, n_embd) in place of logits, for a task head or a sampler.
         """
         B, T = idx.shape
-        if pos + T > self.config.seq_len:
-            raise LMForgeError(
-                f"sequence of {pos + T} tokens is longer than the model's context of {self.config.seq_len}"
-            )
+        device = idx.device
+        shared = isinstance(pos, int) or all(p == pos[0] for p in pos)
+        first = pos if isinstance(pos, int) else pos[0]
+        end = (first if shared else max(pos)) + T
+        if end > self.config.seq_len:
+            raise LMForgeError(f"sequence of {end} tokens is longer than the model's context of {self.config.seq_len}")
+        if shared:
+            positions = torch.arange(first, end, device=device)  # (T,): the same for every row
+        else:
+            positions = torch.tensor(pos, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
         x = self.tok_emb(idx)  # (B, T, n_embd)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
+            x = x + self.pos_emb(positions)
         elif self.config.pos_emb == "sinusoidal":
-            x = x + self.sin_table[pos : pos + T].to(x.dtype)
-        rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]) if self.config.pos_emb == "rope" else None
-        x = self.drop(x)
+            x = x + self.sin_table[positions].to(x.dtype)
+        if self.config.dropout and self.training:
+            x = F.dropout(x, self.config.dropout, training=True)
+        ctx = self.context(B, T, positions, end, cache, slots, attention_mask)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cache, layer, pos, attention_mask)
+            x = block(x, ctx, layer)
         x = self.norm(x)
         if return_hidden:
             return x, None
@@ -305,3 +379,29 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def context(self, B, T, positions, end, cache, slots, attention_mask) -> Context:
+        """The rotary tables, mask and cache placement of one forward pass, made once for all its layers."""
+        ctx = Context()
+        if self.config.pos_emb == "rope":
+            ctx.rope = (self.rope_cos[positions], self.rope_sin[positions])
+            if positions.dim() == 2:  # (B, T, head_dim/2) -> (B, 1, T, head_dim/2), broadcast over heads
+                ctx.rope = (ctx.rope[0][:, None], ctx.rope[1][:, None])
+        if cache is not None:
+            if attention_mask is not None:
+                raise ValueError("attention_mask is for padded encoder batches; a cached decoder takes pos instead")
+            ctx.cache, ctx.place = cache, cache.place(list(range(B)) if slots is None else slots, positions, end)
+        if attention_mask is not None:  # (B, T), False at padding: no query attends to a padded key
+            ctx.mask = attention_mask[:, None, None, :]  # (B, 1, 1, T)
+            if self.config.causal:
+                ctx.mask = ctx.mask & torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+        elif self.config.causal:
+            if cache is None or end == T:  # the keys are this pass's own tokens: plain causal attention
+                ctx.is_causal = True
+            elif T > 1 or positions.dim() == 2:  # new queries after cached keys: each sees keys up to its position
+                key_pos = torch.arange(end, device=positions.device)
+                ctx.mask = key_pos <= positions[..., None]  # (T, end) or (B, T, end)
+                if positions.dim() == 2:
+                    ctx.mask = ctx.mask[:, None]  # (B, 1, T, end)
+            # else one new token per row at one shared position: it sees every cached key, no mask needed
+        return ctx

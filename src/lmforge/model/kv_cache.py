@@ -1,12 +1,30 @@
 """A preallocated key/value cache for incremental decoding.
 
 One tensor pair for all layers, allocated once for the longest sequence a generation may reach, so decoding
-a token writes in place instead of concatenating (which would copy the whole cache at every step).
+a token writes in place instead of concatenating (which would copy the whole cache at every step). A batch's
+rows map to cache rows ("slots"), so sequences can join and leave a running batch; a `Placement`, made once per
+forward pass, says where each row's new keys go and which cached keys its queries read.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class Placement:
+    """Where one forward pass's rows read and write, for all layers at once (indexing per layer costs time)."""
+
+    end: int  # keys 0..end-1 are read
+    keys: torch.Tensor | None = None  # views (n_layer, B, n_kv_head, end, head_dim) of the rows' keys and values,
+    # when the rows' slots are consecutive
+    values: torch.Tensor | None = None
+    new_keys: torch.Tensor | None = None  # views (n_layer, B, n_kv_head, T, head_dim) the new keys go to
+    new_values: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # when not written through views: the cache rows (B, 1) and positions (B, T)
+    positions: torch.Tensor | None = None
 
 
 class KVCache:
@@ -22,12 +40,37 @@ class KVCache:
         param = next(model.parameters())
         return cls(c.n_layer, batch_size, c.kv_heads, max_len or c.seq_len, c.head_dim, param.device, param.dtype)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv_head, T, head_dim) at positions pos..pos+T-1; return keys and values 0..pos+T-1."""
-        end = pos + k.size(2)
-        self.k[layer, :, :, pos:end] = k
-        self.v[layer, :, :, pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def place(self, slots: list[int], positions: torch.Tensor, end: int) -> Placement:
+        """Where a batch goes: batch row b in cache row slots[b], at positions (T,) shared by every row or (B, T).
+
+        Consecutive slots are read through views (else gathered), and rows at one shared position are written
+        through views (else scattered to each row's positions).
+        """
+        B = len(slots)
+        place = Placement(end)
+        if slots == list(range(slots[0], slots[0] + B)):
+            k, v = self.k[:, slots[0] : slots[0] + B], self.v[:, slots[0] : slots[0] + B]
+            place.keys, place.values = k[:, :, :, :end], v[:, :, :, :end]
+            if positions.dim() == 1:
+                span = slice(end - positions.numel(), end)
+                place.new_keys, place.new_values = k[:, :, :, span], v[:, :, :, span]
+        if place.new_keys is None:
+            place.rows = torch.tensor(slots, device=positions.device)[:, None]
+            place.positions = positions.expand(B, -1)
+        return place
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, place: Placement):
+        """Store k, v (B, n_kv_head, T, head_dim) as `place` says; return the rows' keys and values 0..end-1."""
+        if place.new_keys is not None:
+            place.new_keys[layer].copy_(k)
+            place.new_values[layer].copy_(v)
+        else:  # scatter (B, T, n_kv_head, head_dim) into each row's slot at its positions
+            self.k[layer][place.rows, :, place.positions] = k.transpose(1, 2)
+            self.v[layer][place.rows, :, place.positions] = v.transpose(1, 2)
+        if place.keys is not None:
+            return place.keys[layer], place.values[layer]
+        rows = place.rows[:, 0]
+        return self.k[layer][rows, :, : place.end], self.v[layer][rows, :, : place.end]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the batch rows given by index (beam search reorders hypotheses)."""
