@@ -49,8 +49,9 @@ def test_rows_at_different_positions_equal_one_row_at_a_time(fields):
     lengths = [len(p) for p in PROMPTS]
     width = max(lengths)
     # slots not consecutive and not in order (rows are gathered), then consecutive (the cache is read as a view)
-    for slots in ([3, 0, 2], [1, 2, 3]):
-        cache = KVCache.for_model(model, 4)
+    # and a cache that starts at 2 positions and grows as the rows get longer
+    for slots, initial in (([3, 0, 2], 256), ([1, 2, 3], 256), ([1, 2, 3], 2)):
+        cache = KVCache.for_model(model, 4, initial=initial)
         with torch.no_grad():
             ids = torch.tensor([p + [0] * (width - len(p)) for p in PROMPTS])
             logits, _ = model(ids, cache=cache, pos=[0, 0, 0], slots=slots)
@@ -69,6 +70,7 @@ def test_rows_at_different_positions_equal_one_row_at_a_time(fields):
             for row, n in enumerate(lengths):
                 want = model(torch.tensor([full[row][: n + 7]]))[0][0, -2:]
                 assert torch.allclose(logits[row], want, atol=1e-5)
+        assert cache.capacity == (24 if initial == 256 else 22)  # the context; or 2, 11 for the prompts, doubled
 
 
 @pytest.mark.parametrize("fields", VARIANTS.values(), ids=VARIANTS.keys())

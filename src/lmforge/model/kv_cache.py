@@ -1,7 +1,8 @@
 """A preallocated key/value cache for incremental decoding.
 
-One tensor pair for all layers, allocated once for the longest sequence a generation may reach, so decoding
-a token writes in place instead of concatenating (which would copy the whole cache at every step). A batch's
+One tensor pair for all layers, written in place, so decoding a token does not concatenate (which would copy the
+whole cache at every step). Its length grows by doubling, up to the model's context, as sequences get longer: a
+model with a 128k-token context does not allocate 128k positions per slot for a 100-token chat. A batch's
 rows map to cache rows ("slots"), so sequences can join and leave a running batch; a `Placement`, made once per
 forward pass, says where each row's new keys go and which cached keys its queries read.
 """
@@ -28,17 +29,38 @@ class Placement:
 
 
 class KVCache:
-    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int, device, dtype):
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+    def __init__(
+        self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int, device, dtype, initial=256
+    ):
+        """max_len: the most positions a row can hold; initial: the positions allocated until more are needed."""
+        shape = (n_layer, batch_size, n_kv_head, min(max_len, initial), head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int | None = None) -> KVCache:
+    def for_model(cls, model, batch_size: int, max_len: int | None = None, initial: int = 256) -> KVCache:
         c = model.config
         param = next(model.parameters())
-        return cls(c.n_layer, batch_size, c.kv_heads, max_len or c.seq_len, c.head_dim, param.device, param.dtype)
+        max_len = max_len or c.seq_len
+        return cls(c.n_layer, batch_size, c.kv_heads, max_len, c.head_dim, param.device, param.dtype, initial)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.size(3)
+
+    def reserve(self, length: int) -> None:
+        """Make room for positions 0..length-1: at least double the allocation when it must grow."""
+        if length <= self.capacity:
+            return
+        if length > self.max_len:
+            raise ValueError(f"the cache holds at most {self.max_len} positions, not {length}")
+        size = min(self.max_len, max(length, 2 * self.capacity))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], size, old.size(4))
+            new[:, :, :, : old.size(3)] = old
+            setattr(self, name, new)
 
     def place(self, slots: list[int], positions: torch.Tensor, end: int) -> Placement:
         """Where a batch goes: batch row b in cache row slots[b], at positions (T,) shared by every row or (B, T).
@@ -46,6 +68,7 @@ class KVCache:
         Consecutive slots are read through views (else gathered), and rows at one shared position are written
         through views (else scattered to each row's positions).
         """
+        self.reserve(end)
         B = len(slots)
         place = Placement(end)
         if slots == list(range(slots[0], slots[0] + B)):
