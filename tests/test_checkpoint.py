@@ -1,16 +1,27 @@
 """Checkpoints against damage: truncation, bit flips, missing files, a kill during the purge, pickles."""
 
+import json
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
 
 from conftest import quiet
 from lmforge.api import LM
+from lmforge.config import RunConfig
 from lmforge.errors import LMForgeError
+from lmforge.files import sha256_file
+from lmforge.model.gpt import qkv_sizes, split_qkv
 from lmforge.train import checkpoint
 from lmforge.train.trainer import train
+
+
+def losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
 
 FAST = {"train.max_steps": 12, "train.save_every": 4, "train.log_every": 1, "train.eval_every": 4, "train.keep_last": 3}
 
@@ -121,3 +132,41 @@ def test_read_only_directory_keeps_the_previous_checkpoint(run):
         blocker.unlink()
     assert checkpoint.complete_checkpoints(run)[-1].name == "step_000012"
     assert LM.load(run).model is not None
+
+
+def test_a_checkpoint_from_before_the_fused_qkv_projection_resumes_the_same_run(run, tmp_path):
+    """Cross-commit compatibility: a checkpoint written when q, k and v were three projections (weights and AdamW
+    moments under q_proj/k_proj/v_proj names) resumes, and the run goes on as the straight run did."""
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    for later in checkpoint.complete_checkpoints(old)[1:]:
+        shutil.rmtree(later)  # keep step 4, as an older lmforge wrote it
+    path = checkpoint.complete_checkpoints(old)[0]
+    config = RunConfig.load(old / "config.json").model
+    checkpoint.save_weights(
+        split_qkv(checkpoint.load_weights(path / "model.safetensors"), config), path / "model.safetensors"
+    )
+    optim = torch.load(path / "optimizer.pt", weights_only=True)
+    for name in [n for n in optim["state"] if ".qkv_proj." in n]:
+        entry = optim["state"].pop(name)
+        pieces = {k: v.split(qkv_sizes(config)) if v.dim() else [v] * 3 for k, v in entry.items()}
+        for i, part in enumerate("qkv"):
+            optim["state"][name.replace("qkv_proj", f"{part}_proj")] = {k: v[i].clone() for k, v in pieces.items()}
+    for group in optim["param_groups"]:
+        group["params"] = [
+            n.replace("qkv_proj", f"{p}_proj") for n in group["params"] for p in ("qkv" if ".qkv_proj." in n else "-")
+        ]
+    torch.save(optim, path / "optimizer.pt")
+    state = json.loads((path / "state.json").read_text())
+    for name in state["files"]:
+        state["files"][name] = (path / name).stat().st_size
+        state["sha256"][name] = sha256_file(path / name)
+    (path / "state.json").write_text(json.dumps(state))
+
+    resumed = train(None, old, progress_bar=False, echo=quiet)
+    assert resumed["step"] == 12
+    straight, again = losses(run), losses(old)
+    assert straight.keys() == again.keys()
+    assert all(abs(straight[s] - again[s]) < 1e-5 for s in straight), (straight, again)
+    a, b = LM.load(run).model.state_dict(), LM.load(old).model.state_dict()
+    assert all(torch.allclose(a[name], b[name], atol=1e-5) for name in a)

@@ -119,15 +119,16 @@ def qkv_sizes(config: ModelConfig) -> list[int]:
     return [config.n_head * config.head_dim, kv, kv]
 
 
-def fuse_qkv(state: dict[str, torch.Tensor], prefix: str) -> None:
-    """In place: separate `{prefix}q_proj`, `k_proj` and `v_proj` tensors become one `{prefix}qkv_proj`.
+def fuse_qkv(state: dict, prefix: str, join=torch.cat) -> None:
+    """In place: separate `{prefix}q_proj`, `k_proj` and `v_proj` entries become one `{prefix}qkv_proj` entry.
 
     Checkpoints from before the fused projection, and imports whose maps name the three projections, load so.
+    join stacks the three entries: tensors by default; checkpoint.py passes one for optimizer states.
     """
     for leaf in ("weight", "bias"):
         names = [f"{prefix}{part}_proj.{leaf}" for part in "qkv"]
         if all(name in state for name in names):
-            state[f"{prefix}qkv_proj.{leaf}"] = torch.cat([state.pop(name) for name in names])
+            state[f"{prefix}qkv_proj.{leaf}"] = join([state.pop(name) for name in names])
 
 
 def split_qkv(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:

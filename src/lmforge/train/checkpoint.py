@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lmforge.errors import LMForgeError
 from lmforge.files import sha256_file
+from lmforge.model.gpt import fuse_qkv
 
 CHECKPOINTS = "checkpoints"
 TRAINING = "training.safetensors"
@@ -252,8 +253,37 @@ def load(path: Path, model: torch.nn.Module, optimizer=None, training: bool | No
         if "optimizer.pt" not in state["files"]:
             raise ValueError("it holds weights only (no optimizer.pt), so training cannot resume from it")
         optim_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        optim_state = fuse_qkv_optimizer_state(optim_state)  # a checkpoint from before the fused projection
         set_optimizer_state_dict(model, optimizers, optim_state, options=StateDictOptions(full_state_dict=True))
     return state
+
+
+def fuse_qkv_optimizer_state(optim_state: dict) -> dict:
+    """An optimizer state saved before the fused q/k/v projection, under the fused parameter names (in place).
+
+    Per-element state (AdamW's moments, momentum buffers) is stacked like the weights, so training continues
+    exactly; per-parameter scalars (the step count, equal for the three) are q's.
+    """
+
+    def stack(parts: list[dict]) -> dict:
+        return {
+            key: torch.cat([p[key] for p in parts]) if isinstance(value, torch.Tensor) and value.dim() else value
+            for key, value in parts[0].items()
+        }
+
+    names = [name for group in optim_state["param_groups"] for name in group["params"]]
+    prefixes = [name[: -len("q_proj.weight")] for name in names if name.endswith(".q_proj.weight")]
+    for prefix in prefixes:
+        fuse_qkv(optim_state["state"], prefix, stack)
+    renamed = {
+        f"{prefix}{part}_proj.{leaf}": f"{prefix}qkv_proj.{leaf}"
+        for prefix in prefixes
+        for part in "qkv"
+        for leaf in ("weight", "bias")
+    }
+    for group in optim_state["param_groups"]:
+        group["params"] = list(dict.fromkeys(renamed.get(name, name) for name in group["params"]))
+    return optim_state
 
 
 def load_latest(run_dir: Path, model: torch.nn.Module, optimizer=None, training: bool | None = None) -> dict | None:
