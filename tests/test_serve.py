@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -10,8 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -22,6 +25,7 @@ import uvicorn
 from lmforge.api import LM
 from lmforge.model.gpt import GPT, ModelConfig
 from lmforge.serve.app import ServeSettings, create_app
+from lmforge.train import checkpoint
 
 KEY = "test-key-123456"
 
@@ -50,7 +54,7 @@ class Server:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=20)
-        assert not self.thread.is_alive()
+        assert not self.thread.is_alive() and not self.app.state.scheduler.thread.is_alive()
 
     def health(self) -> dict:
         response = httpx.get(self.url + "/health", timeout=10)
@@ -414,11 +418,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_lmforge_serve_finishes_in_flight_requests_on_sigterm(tiny_run):
+@pytest.fixture(scope="module")
+def slow_run(tmp_path_factory, long_lm) -> Path:
+    """slow_lm as a run dir, for `lmforge serve`: a few hundred tokens take a second or more."""
+    slow = slow_lm(long_lm)
+    root = tmp_path_factory.mktemp("runs") / "slow"
+    root.mkdir()
+    slow.config.save(root / "config.json")
+    slow.tokenizer.save(root / "tokenizer.json")
+    checkpoint.save(root, 0, slow.model, None, {}, keep_last=1)
+    return root
+
+
+@contextlib.contextmanager
+def lmforge_serve(run_dir: Path):
+    """`lmforge serve` in its own process, yielded with its URL once /health answers; killed if still running after.
+    Its output goes to a file (a pipe nobody reads would fill up with access-log lines and stall the server)."""
     port = free_port()
+    command = [sys.executable, "-m", "lmforge.cli", "serve", str(run_dir), "--port", str(port), "--threads", "1"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "lmforge.cli", "serve", str(tiny_run), "--port", str(port), "--threads", "1"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
@@ -430,18 +450,78 @@ def test_lmforge_serve_finishes_in_flight_requests_on_sigterm(tiny_run):
                 pass
             assert proc.poll() is None and time.time() < deadline, "lmforge serve did not start"
             time.sleep(0.1)
-        body = {"prompt": "First", "max_tokens": 25, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
-            proc.send_signal(signal.SIGTERM)  # mid-stream: the stream still completes
-            rest = list(lines)
-        events = [line for line in rest if line]
-        assert events[-1] == "data: [DONE]" and '"finish_reason": "length"' in events[-2]
-        assert proc.wait(timeout=30) == 0
+        yield proc, url
     finally:
         if proc.poll() is None:
             proc.kill()
-        output = proc.communicate()[0]
-    assert "Traceback" not in output
-    assert "First" not in output  # the prompt is not logged
+        proc.wait()
+        log.seek(0)
+        proc.output = log.read()
+        log.close()
+
+
+def wait_for_status(http: httpx.Client, path: str, status: int, within: float = 10) -> httpx.Response:
+    deadline = time.time() + within
+    while (response := http.get(path)).status_code != status:
+        assert time.time() < deadline, f"{path} still answers {response.status_code}, not {status}, after {within}s"
+        time.sleep(0.01)
+    return response
+
+
+def test_lmforge_serve_drains_on_sigterm(slow_run):
+    """In-flight requests finish; new ones, and /health, get a 503 (not a refused connection); then exit 0."""
+    tokens = 500  # about 2 s of decoding: the drain lasts that long
+    body = {"prompt": "First", "max_tokens": tokens, "ignore_eos": True}
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    results = []
+    with lmforge_serve(slow_run) as (proc, url), httpx.Client(base_url=url, timeout=30) as http:
+        whole = threading.Thread(
+            target=lambda: results.append(httpx.post(url + "/v1/completions", json=body, timeout=30))
+        )
+        with http.stream("POST", "/v1/completions", json=stream_body) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")  # decoding
+            whole.start()
+            deadline = time.time() + 10
+            while http.get("/health").json()["active"] < 2:  # the non-streaming request is decoding too
+                assert time.time() < deadline and whole.is_alive(), "the second request did not start"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            health = wait_for_status(http, "/health", 503)
+            assert "draining" in health.json()["error"]["message"]
+            refused = http.post("/v1/completions", json={"prompt": "First", "max_tokens": 5})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["type"] == "server_error"
+            chat = {"messages": [{"role": "user", "content": "First"}], "max_tokens": 5, "stream": True}
+            assert http.post("/v1/chat/completions", json=chat).status_code == 503
+            assert proc.poll() is None and whole.is_alive()  # the 503s came while both requests were in flight
+            events = [line for line in lines if line]
+        whole.join(timeout=30)
+        # both finished with all their tokens, then the process exited by itself
+        assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["usage"]["completion_tokens"] == tokens
+        assert '"finish_reason": "length"' in events[-3]
+        assert results[0].status_code == 200 and results[0].json()["usage"]["completion_tokens"] == tokens
+        assert proc.wait(timeout=10) == 0
+        with pytest.raises(httpx.ConnectError):  # nothing left listening
+            httpx.get(url + "/health", timeout=5)
+    assert "Draining" in proc.output
+    assert "Traceback" not in proc.output and "ERROR" not in proc.output
+    assert "First" not in proc.output  # the prompt is not logged
+
+
+def test_a_second_ctrl_c_ends_the_drain_at_once(slow_run):
+    """Ctrl-C drains too; a second one stops what still decodes (a stream ends with an error event), still cleanly."""
+    body = {"prompt": "First", "max_tokens": 1000, "ignore_eos": True, "stream": True}  # 4 s or more of decoding
+    with lmforge_serve(slow_run) as (proc, url), httpx.Client(base_url=url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=body) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGINT)
+            wait_for_status(http, "/health", 503)
+            proc.send_signal(signal.SIGINT)
+            events = [line for line in lines if line]
+        # the stream ends with an error event (no [DONE]) long before its 1000 tokens
+        assert "stopped before this request finished" in events[-1]
+        assert sum('"text": "' in line for line in events) < 500
+        assert proc.wait(timeout=10) == 0
+    assert "Traceback" not in proc.output and "ERROR" not in proc.output

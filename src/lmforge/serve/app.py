@@ -3,7 +3,11 @@
 Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with server-sent
 events when "stream": true), and GET / (the playground page). Concurrent requests share decoding steps
 (see scheduler.py). Every error is a JSON body {"error": {"message", "type", "param", "code"}}: bad input is a
-4xx, a full waiting line a 429, a request over its time a 504.
+4xx, a full waiting line a 429, a request over its time a 504, and any request while the server drains a 503.
+
+Shutting down drains first (`DrainingServer`): on SIGTERM or Ctrl-C the server keeps listening and answers new
+requests, /health included, with a 503, so load balancers stop sending work and clients get an answer instead of
+a refused connection, while the requests in flight finish. Then uvicorn stops, and the process exits with 0.
 
 Kept out on purpose: no CORS headers (the playground is same-origin; other sites' pages cannot read
 responses), no path parameters, and no logging of prompts or outputs (uvicorn's access log has only the path).
@@ -14,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -40,7 +45,7 @@ from lmforge.serve.protocol import (
     refuse_unsupported,
     usage,
 )
-from lmforge.serve.scheduler import Job, Overloaded, Scheduler
+from lmforge.serve.scheduler import STOPPED, Job, Overloaded, Scheduler
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 DRAIN_LIMIT = 64 << 20  # read and discard an oversized body up to this size, so the client sees the 413
@@ -85,16 +90,21 @@ def error_response(error: APIError, headers: dict | None = None) -> JSONResponse
 
 
 class Guard:
-    """ASGI middleware run before any parsing: a wrong or missing API key on /v1 is a 401, and a body over the
-    limit a 413. The body is read here, then replayed to the app (later reads see the client's disconnect)."""
+    """ASGI middleware run before any parsing: while the server drains every request is a 503, a wrong or missing
+    API key on /v1 is a 401, and a body over the limit a 413. The body is read here, then replayed to the app
+    (later reads see the client's disconnect)."""
 
-    def __init__(self, app, max_body: int, api_key: str | None):
-        self.app, self.max_body = app, max_body
+    def __init__(self, app, max_body: int, api_key: str | None, state):
+        self.app, self.max_body, self.state = app, max_body, state
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.state.draining:
+            message = "the server is shutting down (draining); send requests to another instance"
+            headers = {"Retry-After": "1", "Connection": "close"}  # close: a retry opens a new connection, elsewhere
+            return await error_response(APIError(503, message, None, "server_error"), headers)(scope, receive, send)
         headers = dict(scope["headers"])
         if self.expected is not None and scope["path"].startswith("/v1"):
             if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
@@ -173,6 +183,7 @@ def create_app(lm, settings: ServeSettings | None = None) -> FastAPI:
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
     app.state.settings = settings
+    app.state.draining = False  # set by DrainingServer on SIGTERM or Ctrl-C: every new request is then a 503
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -304,6 +315,8 @@ def create_app(lm, settings: ServeSettings | None = None) -> FastAPI:
                     )
                 if item is DISCONNECTED:
                     return
+                if item is STOPPED:
+                    raise APIError(503, "the server stopped before this request finished", None, "server_error")
                 index, chunk = item
                 if index == "error":
                     raise APIError(500, chunk, None, "server_error")
@@ -467,7 +480,7 @@ def create_app(lm, settings: ServeSettings | None = None) -> FastAPI:
         ]
         return frame("chat.completion", choices, usage=totals(done, req.n))
 
-    app.add_middleware(Guard, max_body=settings.max_body_bytes, api_key=settings.api_key)
+    app.add_middleware(Guard, max_body=settings.max_body_bytes, api_key=settings.api_key, state=app.state)
     return app
 
 
@@ -484,6 +497,43 @@ def check_address(host: str, port: int) -> None:
         raise LMForgeError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or --host") from None
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server with a drain phase before its own shutdown.
+
+    uvicorn closes its socket as soon as SIGTERM or SIGINT arrives, so new clients are refused. Here the first
+    signal only sets app.state.draining: the socket stays open, every new request gets a 503 (see Guard), and the
+    requests in flight go on. uvicorn's shutdown runs once none is left, or, after `timeout` seconds or at a second
+    signal, at once: the scheduler is stopped first, so whatever still decodes ends with a 503 (an error event on a
+    stream). Unlike uvicorn, this does not re-raise the signals when done, so the process exits with 0.
+    """
+
+    def __init__(self, config: uvicorn.Config, timeout: float):
+        super().__init__(config)
+        self.state = config.app.state
+        self.timeout = timeout
+        self.signals = 0
+        self.deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # A signal handler runs between two bytecodes of the event loop's thread: set flags, on_tick does the rest.
+        self.state.draining = True
+        self.signals += 1
+
+    async def on_tick(self, counter: int) -> bool:
+        """Called by uvicorn's main loop every 0.1 s; the loop ends, and uvicorn shuts down, once should_exit is set."""
+        if self.signals and not self.should_exit:
+            if self.deadline is None:
+                self.deadline = time.monotonic() + self.timeout
+                message = "Draining: new requests get 503 while the %d in flight finish (Ctrl-C again stops them now)"
+                logging.getLogger("uvicorn.error").info(message, len(self.server_state.tasks))
+            if self.signals > 1 or time.monotonic() > self.deadline:
+                self.state.scheduler.stop()
+                self.should_exit = True
+            elif not self.server_state.tasks:  # uvicorn's own set of requests in progress
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
 def serve(
     run_dir: str | Path,
     host: str = "127.0.0.1",
@@ -492,27 +542,18 @@ def serve(
     log_level: str = "info",
     **settings,
 ) -> None:
-    """Load run_dir and serve it until interrupted (Ctrl-C or SIGTERM finish in-flight requests, then exit)."""
-    import signal
-
-    import uvicorn
-
+    """Load run_dir and serve it until SIGTERM or Ctrl-C, which drain the server (see DrainingServer) and return."""
     from lmforge.api import LM
 
     options = ServeSettings(**settings)
     check_address(host, port)
     lm = LM.load(run_dir, device=device)
     app = create_app(lm, options)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(math.ceil(options.timeout))
-    )
-    server = uvicorn.Server(config)
+    # After the drain only requests stuck on a client (one that sends or reads nothing) are left: cancel them soon.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=1)
+    server = DrainingServer(config, options.timeout)
     print(f"serving {run_dir} on http://{host}:{port} (playground at /, OpenAI API under /v1)", flush=True)
-    # uvicorn re-raises the signal that stopped it once it is done; a graceful stop should exit with 0.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         server.run()
-    except KeyboardInterrupt:
-        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        app.state.scheduler.stop()  # already done by the app's lifespan, unless uvicorn failed to start

@@ -4,7 +4,9 @@ Every request becomes a `Job` of one or more sequences. `Scheduler.submit` admit
 (or refuses at once, so the server answers 429 instead of piling up work); the decoding thread moves waiting
 jobs into the engine's free slots between steps and runs `Engine.step` in a loop, so concurrent requests share
 each forward pass. Chunks go back to each request's asyncio queue through its event loop. Cancelling a job (the
-client left, or its time ran out) frees its slots before the next step.
+client left, or its time ran out) frees its slots before the next step. Stopping the scheduler ends the thread
+after its current step and sends every job still waiting or decoding `STOPPED`, so no request waits for tokens
+that will never come.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import threading
 from collections import deque
 
 from lmforge.generate import Engine, Sequence
+
+STOPPED = ("stopped", None)  # the event a job gets when the scheduler stops before the job has finished
 
 
 class Overloaded(Exception):
@@ -56,14 +60,19 @@ class Scheduler:
         self.thread.start()
 
     def stop(self) -> None:
+        """End the decoding thread after its current step; unfinished jobs get STOPPED. Calling it again is harmless."""
         with self.condition:
             self.stopping = True
             self.condition.notify()
-        self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
 
     def submit(self, job: Job) -> None:
-        """Queue job for decoding, or raise Overloaded when max_queue jobs already wait."""
+        """Queue job for decoding, or raise Overloaded when max_queue jobs already wait (after stop(): STOPPED)."""
         with self.condition:
+            if self.stopping:
+                job.put(STOPPED)
+                return
             if self.full:
                 raise Overloaded
             self.waiting.append(job)
@@ -110,6 +119,8 @@ class Scheduler:
                 while not (self.stopping or self.waiting or self.to_cancel or self.engine.active):
                     self.condition.wait()
                 if self.stopping:
+                    for job in {*self.waiting, *(seq.tag[0] for seq in self.engine.slots if seq is not None)}:
+                        job.put(STOPPED)
                     return
                 self._admit()
             try:
