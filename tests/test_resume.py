@@ -6,8 +6,10 @@ the objective's train_batch is wrapped to record the state the loop holds when i
 """
 
 import json
+import os
 import random
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -333,3 +335,33 @@ def test_a_run_dir_from_before_train_order_resumes_with_random_windows(tmp_path,
     assert train(None, copy, progress_bar=False, echo=quiet)["step"] == 12
     assert orders == ["random", "random"]
     assert json.loads((copy / "config.json").read_text())["train"]["order"] == "random"
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_the_resumed_run_equals_the_straight_one(tmp_path, straight, monkeypatch):
+    """Ctrl-C right after the optimizer's update of step 5 (before the loop counts it): the step finishes, its
+    checkpoint is written at the step boundary, and resuming repeats the straight run exactly."""
+    run, _, _ = straight
+    real = trainer.build_optimizers
+
+    def with_ctrl_c(*args, **kwargs):
+        optimizers = real(*args, **kwargs)
+        updates = iter(range(1, 100))
+
+        def press(optimizer, args, kwargs):
+            if next(updates) == 5:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered in the main thread, inside this hook
+
+        optimizers[0].register_step_post_hook(press)
+        return optimizers
+
+    monkeypatch.setattr(trainer, "build_optimizers", with_ctrl_c)
+    stopped = tmp_path / "stopped"
+    config = RunConfig.load(run / "config.json")
+    with pytest.raises(KeyboardInterrupt):
+        train(str(config.data), stopped, preset="tiny", overrides=FAST, progress_bar=False, echo=quiet)
+    assert checkpoint.complete_checkpoints(stopped)[-1].name == "step_000005"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    monkeypatch.setattr(trainer, "build_optimizers", real)
+    train(None, stopped, progress_bar=False, echo=quiet)
+    assert records(stopped) == records(run)
+    assert_same_weights(stopped, run)

@@ -74,11 +74,16 @@ def all_reduce_mean(value: float, info: Dist, device: torch.device) -> float:
 
 def all_agree(flag: bool, info: Dist, device: torch.device) -> bool:
     """True on every rank if flag is true on any rank (used to stop or skip together, never to hang)."""
+    return all_agree_each([flag], info, device)[0]
+
+
+def all_agree_each(flags: list[bool], info: Dist, device: torch.device) -> list[bool]:
+    """all_agree for several flags in one all-reduce."""
     if not info.enabled:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+        return list(flags)
+    tensor = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+    return [bool(value) for value in tensor.tolist()]
 
 
 def barrier(info: Dist) -> None:

@@ -24,7 +24,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -386,8 +389,11 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
     config_hash = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
 
     def is_done(step: int, elapsed: float) -> bool:
+        nonlocal interrupted
         done = bool((tc.max_steps and step >= tc.max_steps) or (tc.time and elapsed >= tc.time))
-        return dist.all_agree(done, info, device)  # ranks' clocks differ: stop together
+        # ranks' clocks differ, and a Ctrl-C may reach one rank first: stop together
+        done, interrupted = dist.all_agree_each([done, ctrl_c.pressed], info, device)
+        return done or interrupted
 
     def is_spike(loss: float) -> bool:
         """Whether loss is above spike_factor x the median of the last spike_window steps' losses."""
@@ -434,6 +440,7 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
     window_tokens, window_start = 0, time.time()
     bad_steps, stop_reason = 0, "reached max_steps or the time budget"
     last_saved = step if state else None
+    interrupted, ctrl_c = False, CtrlC()
     try:
         finished = is_done(step, elapsed)
         if es.patience and bad_evals >= es.patience:  # a run that stopped early, resumed with the same patience
@@ -517,7 +524,7 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
                      "elapsed": round(elapsed, 2), **epoch}
                 )  # fmt: skip
                 bar.set_postfix_str(f"step {step} loss {loss_value:.4f} {rate:,.0f} tok/s MFU {mfu:.1%}", refresh=False)
-            if step % tc.eval_every == 0 or finished:
+            if step % tc.eval_every == 0 or (finished and not interrupted):
                 val = objective.evaluate(module, device, autocast)
                 if val:
                     improved = best_val is None or val["val_loss"] < best_val - es.min_delta
@@ -544,12 +551,17 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
                 save()
                 last_saved = step
             bar.update(1 if tc.max_steps else max(0, min(int(elapsed), bar_total) - bar.n))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, mid-step: no checkpoint of a half-done step; the last one stays
         bar.close()
+        raise
+    finally:
+        ctrl_c.restore()
+    bar.close()
+    if interrupted:  # a Ctrl-C: the step in progress finished; save it and stop like any interrupted command
         if step != last_saved and step > 0:
             save()
-        raise
-    bar.close()
+            say(f"interrupted: saved step {step}; the same command resumes it")
+        raise KeyboardInterrupt
     final = save() if step != last_saved else out / checkpoint.CHECKPOINTS / checkpoint.step_name(step)
     plot = metrics.plot() if info.is_main else None
     if loggers is not None:
@@ -571,6 +583,31 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
         "params": n_params,
         "rank": info.rank,
     }
+
+
+class CtrlC:
+    """Ctrl-C while training: the first press asks the loop to stop after the step in progress (it then saves a
+    checkpoint at that step boundary, so a resume repeats the straight run); a second press interrupts at once.
+
+    Python only delivers signals to the main thread; elsewhere (a run started from a worker thread) this does
+    nothing and Ctrl-C keeps its default behaviour.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._press)
+
+    def _press(self, signum, frame) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        print("\nlmforge: stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
