@@ -129,3 +129,18 @@ def test_sigkill_during_training_then_resume_matches_straight(tmp_path, char_dat
     a = (out / "checkpoints" / "step_000300" / "model.safetensors").read_bytes()
     b = (tmp_path / "straight" / "checkpoints" / "step_000300" / "model.safetensors").read_bytes()
     assert a == b
+
+
+def test_the_cli_and_prepare_do_not_import_torch(tmp_path):
+    """Starting the CLI and preparing data need no torch: a second and 280 MiB less per process (and per worker)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 50)
+    code = (
+        "import sys\n"
+        "from lmforge.cli import main\n"
+        f"main(['prepare', {str(corpus)!r}, '--out', {str(tmp_path / 'data')!r}, '--quiet', '--workers', '2'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "data" / "meta.json").is_file()

@@ -19,7 +19,7 @@ from typing import Any
 
 from lmforge.errors import LMForgeError
 from lmforge.files import write_text_atomic
-from lmforge.model.gpt import ModelConfig
+from lmforge.model.config import ModelConfig
 
 OPTIMIZERS = ("adamw", "sgd", "muon")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
