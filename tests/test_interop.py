@@ -11,14 +11,15 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models
+from tokenizers import decoders, models, processors
 
 from lmforge.api import LM
-from lmforge.chat import CHAT_TEMPLATE_FILE, CHATML_TEMPLATE
+from lmforge.chat import CHAT_TEMPLATE_FILE, CHATML_TEMPLATE, encode_chat
 from lmforge.cli import main
 from lmforge.config import RunConfig
-from lmforge.data.tokenizer import EOT, bpe_tokenizer, char_tokenizer
+from lmforge.data.tokenizer import EOT, Tokenizer, bpe_tokenizer, char_tokenizer
 from lmforge.errors import LMForgeError
+from lmforge.eval.tasks import evaluate_text
 from lmforge.generate import SamplingParams, generate
 from lmforge.interop import export_hf, import_hf
 from lmforge.model.gpt import GPT, ModelConfig
@@ -159,15 +160,21 @@ print(json.dumps(results))
         assert torch.allclose(ours[0], torch.tensor(result["logits"]), atol=1e-4)
 
 
-def hf_char_tokenizer(special: list[str]):
-    """A transformers fast tokenizer over TEXT's characters with the given special tokens first."""
+def hf_char_tokenizer(special: list[str], bos: str | None = None):
+    """A transformers fast tokenizer over TEXT's characters with the given special tokens first; with bos, it puts
+    that token before every text, as Llama 2 and 3 tokenizers do (a post-processor template)."""
     vocab = {token: i for i, token in enumerate(special)}
     for ch in sorted(set(TEXT)):
         vocab.setdefault(ch, len(vocab))
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     hf.add_special_tokens(special)
     hf.decoder = decoders.Fuse()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=hf, eos_token=special[-1])
+    if bos is None:
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=hf, eos_token=special[-1])
+    hf.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+    )
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=hf, eos_token=special[-1], bos_token=bos)
 
 
 def perturbed(model):
@@ -363,3 +370,141 @@ def test_cli_export_and_import(tmp_path, capsys):
     assert main(["export", str(sinusoidal), "--format", "hf", str(tmp_path / "hf2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lmforge: error: ") and "model.pos_emb='sinusoidal'" in err and err.count("\n") == 1
+
+
+BOS_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.fixture
+def hf_llama_bos(tmp_path) -> tuple[Path, torch.nn.Module, transformers.PreTrainedTokenizerBase]:
+    """A tiny Llama whose tokenizer puts <s> before every text, with a chat template that writes {{ bos_token }}.
+    Its tokenizer_config.json says add_bos_token, as Llama 2's does (transformers 5 reads the post-processor)."""
+    tokenizer = hf_char_tokenizer(["<unk>", "<s>", "</s>"], bos="<s>")
+    tokenizer.chat_template = BOS_CHAT_TEMPLATE
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer) + 2,  # room for the <|endoftext|> import adds, so the run can be exported
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    hf_model = perturbed(transformers.LlamaForCausalLM(config))
+    path = tmp_path / "hf_llama_bos"
+    hf_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "add_bos_token": True}))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)  # as a user of the original dir gets it
+    assert tokenizer("Speak")["input_ids"][0] == tokenizer.bos_token_id == 1
+    return path, hf_model, tokenizer
+
+
+def import_quietly(path: Path, run: Path) -> dict:
+    with pytest.warns(UserWarning, match="no <\\|endoftext\\|>"):  # Llama style: <|endoftext|> is added
+        return import_hf(path, run)
+
+
+def test_import_llama_with_bos_generates_as_transformers(tmp_path, hf_llama_bos, capsys):
+    path, hf_model, tokenizer = hf_llama_bos
+    result = import_quietly(path, tmp_path / "run")
+    assert len(result["notes"]) == 1  # tokenizer.json and tokenizer_config.json agree: nothing else to say
+    lm = LM.load(tmp_path / "run")
+    assert (lm.tokenizer.bos_token, lm.tokenizer.bos_id) == ("<s>", 1)
+
+    prompt = "Speak, speak"
+    inputs = tokenizer(prompt, return_tensors="pt")
+    assert lm.tokenizer.encode_prompt(prompt) == inputs["input_ids"][0].tolist()
+    hf_model.generation_config.eos_token_id = None  # run the full length, as ours does
+    with torch.no_grad():
+        out = hf_model.generate(**inputs, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    theirs = out[0, inputs["input_ids"].shape[1] :].tolist()
+    completion = lm.complete(prompt, max_new_tokens=16, temperature=0.0, stop_token_ids=())[0]
+    assert completion.token_ids == theirs
+    text = tokenizer.decode(theirs, skip_special_tokens=True)
+    assert lm.generate(prompt, max_new_tokens=16, temperature=0.0, stop_token_ids=())[0] == text
+    assert "".join(lm.stream(prompt, max_new_tokens=16, temperature=0.0, stop_at_eot=False)) == text
+    args = ["generate", str(tmp_path / "run"), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "16"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == prompt + text + "\n"
+    # an empty prompt is the beginning-of-sequence token alone, as transformers encodes ""
+    assert lm.encode_prompt("") == tokenizer("")["input_ids"] == [1]
+
+
+def test_import_llama_with_bos_scores_as_transformers(tmp_path, hf_llama_bos):
+    path, hf_model, tokenizer = hf_llama_bos
+    import_quietly(path, tmp_path / "run")
+    text = TEXT[:40]
+    inputs = tokenizer(text, return_tensors="pt")
+    assert inputs["input_ids"].shape[1] <= hf_model.config.max_position_embeddings  # one window: comparable
+    with torch.no_grad():
+        theirs = hf_model(**inputs, labels=inputs["input_ids"]).loss.item()
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    result = evaluate_text(tmp_path / "run", tmp_path / "text.txt")
+    assert result["tokens"] == len(text)  # every character predicted once, the first after <s>
+    assert abs(result["loss"] - theirs) < 1e-4, (result["loss"], theirs)
+
+
+def test_import_llama_with_bos_chat_template_writes_it_once(tmp_path, hf_llama_bos):
+    path, _, tokenizer = hf_llama_bos
+    import_quietly(path, tmp_path / "run")
+    lm = LM.load(tmp_path / "run")
+    assert lm.chat_template == BOS_CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "Speak, speak."}, {"role": "assistant", "content": "hear me"}]
+    messages.append({"role": "user", "content": "done"})
+    ours = encode_chat(lm.tokenizer, messages, lm.chat_template)
+    theirs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ours == list(theirs)
+    assert ours.count(lm.tokenizer.bos_id) == 1 and ours[0] == lm.tokenizer.bos_id
+    # without a template the conversation is plain text, and starts with <s> like any prompt
+    plain = encode_chat(lm.tokenizer, messages, None)
+    assert plain[0] == lm.tokenizer.bos_id and plain.count(lm.tokenizer.bos_id) == 1
+
+
+def test_export_keeps_bos_through_a_round_trip(tmp_path, hf_llama_bos):
+    path, hf_model, _ = hf_llama_bos
+    import_quietly(path, tmp_path / "run")
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    exported = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert (exported["add_bos_token"], exported["bos_token"]) == (True, "<s>")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["bos_token_id"] == 1
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer("Speak")["input_ids"] == LM.load(tmp_path / "run").tokenizer.encode_prompt("Speak")
+    assert tokenizer("Speak")["input_ids"][0] == 1
+    import_hf(tmp_path / "hf", tmp_path / "back")  # <|endoftext|> is there now: no warning
+    back = LM.load(tmp_path / "back")
+    assert (back.tokenizer.bos_id, back.encode_prompt("Speak")) == (1, tokenizer("Speak")["input_ids"])
+
+
+def test_a_model_trained_without_bos_is_exported_without_it(tmp_path):
+    """A run lmforge trained with a tokenizer whose post-processor adds <s> never saw it: it is not added to
+    prompts, and the export's tokenizer.json leaves it out too, so transformers encodes as we do."""
+    hf = hf_char_tokenizer([EOT, "<|pad|>", "<s>"], bos="<s>").backend_tokenizer
+    run, _ = make_run(tmp_path, tokenizer=Tokenizer(hf, "bpe"), **LLAMA)
+    lm = LM.load(run)
+    assert lm.tokenizer.bos_id is None and lm.encode_prompt("Speak") == lm.tokenizer.encode("Speak")
+    export_hf(run, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["add_bos_token"] is False
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer("Speak")["input_ids"] == lm.tokenizer.encode("Speak")
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    assert LM.load(tmp_path / "back").tokenizer.bos_id is None
+
+
+def test_import_follows_tokenizer_json_when_tokenizer_config_disagrees(tmp_path, hf_llama_bos):
+    path, _, _ = hf_llama_bos
+    spec = json.loads((path / "tokenizer.json").read_text())
+    (path / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": None}))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    with pytest.warns(UserWarning, match="add_bos_token=True, but tokenizer.json adds no beginning"):
+        import_quietly(path, tmp_path / "run")
+    lm = LM.load(tmp_path / "run")
+    assert lm.tokenizer.bos_id is None and lm.encode_prompt("Speak") == tokenizer("Speak")["input_ids"]

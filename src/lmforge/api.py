@@ -67,8 +67,7 @@ class LM:
         return self.model.config.seq_len
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if prompt else []
-        return ids or [self.tokenizer.eot_id]  # an empty prompt starts a new document
+        return self.tokenizer.encode_prompt(prompt) or [self.tokenizer.document_start]  # empty: a new document
 
     def warn_context_full(self, completions: list[Completion], max_new_tokens: int) -> None:
         """Warn when a completion stopped short of max_new_tokens because prompt and output filled the context."""

@@ -8,6 +8,10 @@ text becomes special tokens, while the messages' own text is encoded as plain te
 
 A model without a template (anything trained by `lmforge train` alone) is a plain continuation model: the
 conversation is its messages joined by newlines, and the model continues that text.
+
+A model whose sequences begin with a beginning-of-sequence token (an imported Llama) gets it as transformers'
+`apply_chat_template` gives it: where its template writes `{{ bos_token }}`, once; without a template, before the
+plain text (`Tokenizer.encode_prompt`).
 """
 
 from __future__ import annotations
@@ -67,8 +71,9 @@ def check_messages(messages: list[dict]) -> None:
 
 
 def encode_with_special_tokens(tokenizer, text: str) -> list[int]:
-    """Encode template text, turning the reserved token strings it contains into their special ids."""
-    specials = [t for t in SPECIAL_TOKENS if tokenizer.hf.token_to_id(t) is not None]
+    """Encode template text, turning the reserved token strings it contains (and the model's bos_token) into their
+    special ids."""
+    specials = [t for t in [*SPECIAL_TOKENS, tokenizer.bos_token] if t and tokenizer.hf.token_to_id(t) is not None]
     ids: list[int] = []
     for piece in re.split("(" + "|".join(re.escape(t) for t in specials) + ")", text):
         if piece in specials:
@@ -82,7 +87,7 @@ def encode_chat(tokenizer, messages: list[dict], template: str | None) -> list[i
     """Token ids of the conversation, ready for the assistant's reply."""
     check_messages(messages)
     if template is None:
-        return tokenizer.encode(plain_prompt(messages))
+        return tokenizer.encode_prompt(plain_prompt(messages))
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -94,7 +99,10 @@ def encode_chat(tokenizer, messages: list[dict], template: str | None) -> list[i
     marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
     try:
         rendered = env.from_string(template).render(
-            messages=marked, add_generation_prompt=True, eos_token=SPECIAL_TOKENS[0], bos_token=""
+            messages=marked,
+            add_generation_prompt=True,
+            eos_token=SPECIAL_TOKENS[0],
+            bos_token=tokenizer.bos_token or "",
         )
     except TemplateError as exc:
         raise LMForgeError(f"the chat template failed: {exc}") from exc

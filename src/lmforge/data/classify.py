@@ -69,9 +69,10 @@ def text_of(record: Record, key: str) -> str:
 
 
 def encode_text(tokenizer: Tokenizer, text: str, context: int, overflow: str, where: str) -> list[int] | None:
-    """The text's tokens and <|endoftext|>, fitted to the context; None when the record is to be skipped."""
+    """The text's tokens (as a prompt: after a beginning-of-sequence token where the model has one) and
+    <|endoftext|>, fitted to the context; None when the record is to be skipped."""
     try:
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode_prompt(text)
     except LMForgeError as exc:
         raise LMForgeError(f"{where}: {exc}") from None
     if len(ids) + 1 > context:

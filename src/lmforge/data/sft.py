@@ -14,11 +14,13 @@ default: translation `{source}\n`, summarization `{document}\nTL;DR: `, qa `{con
 prompt `{prompt}`: put your own separator at its end). A response given as a list of strings is a set of references:
 training uses the first, evaluation scores against all.
 
-A plain record becomes `prompt tokens + response tokens + <|endoftext|>`. A chat record (or any record with
-`finetune.chat true`, as one user turn and the reply) becomes ChatML, `<|im_start|>ROLE\nCONTENT<|im_end|>\n` per
-message, the template `lmforge.chat.CHATML_TEMPLATE` renders; the special ids are inserted here, never made from
-text (the tokenizer encodes text that looks like `<|im_end|>` as plain characters). The loss covers the response
-tokens and the end marker (each assistant message's content and its `<|im_end|>`); the prompt's targets are -100.
+A plain record becomes `prompt tokens + response tokens + <|endoftext|>`, the prompt encoded as generation encodes
+one (`Tokenizer.encode_prompt`: after the beginning-of-sequence token of a model that has one). A chat record (or
+any record with `finetune.chat true`, as one user turn and the reply) becomes ChatML,
+`<|im_start|>ROLE\nCONTENT<|im_end|>\n` per message, the template `lmforge.chat.CHATML_TEMPLATE` renders (no
+beginning-of-sequence token: that template has none); the special ids are inserted here, never made from text
+(the tokenizer encodes text that looks like `<|im_end|>` as plain characters). The loss covers the response tokens
+and the end marker (each assistant message's content and its `<|im_end|>`); the prompt's targets are -100.
 
 A record longer than the context (`model.seq_len` + 1 tokens, as inputs and targets are shifted by one) follows
 `finetune.overflow`: `truncate` (a single turn: the prompt loses its oldest tokens while it is longer than half
@@ -198,7 +200,7 @@ class Recipe:
                 return encode_messages(tokenizer, messages)
         prompt_text, response_text = self.prompt_text(record), self._text(record, self.response_role)
         with _at(record):
-            prompt = tokenizer.encode(prompt_text)
+            prompt = tokenizer.encode_prompt(prompt_text)
             response = tokenizer.encode(response_text) + [tokenizer.eot_id]
         if not prompt:
             raise LMForgeError(f"{record.where}: the prompt is empty; the response needs a prompt to follow")
@@ -214,7 +216,7 @@ class Recipe:
                 return chat_prompt(tokenizer, messages)
         text = self.prompt_text(record)
         with _at(record):
-            return tokenizer.encode(text)
+            return tokenizer.encode_prompt(text)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,13 @@ never produced from raw text: text that merely looks like `<|endoftext|>` is enc
 Documents are separated by an end-of-text token: `<|endoftext|>` for the tokenizers we build; for an existing
 tokenizer without it (a Llama's uses `</s>`), its own end-of-sequence token, read from a tokenizer_config.json
 beside the file or recognized by its usual names.
+
+A model whose sequences begin with a beginning-of-sequence token (an imported Llama's `<s>` or
+`<|begin_of_text|>`) says so in that tokenizer_config.json: `add_bos_token: true` and its `bos_token`, the keys
+transformers 4 reads. `import_hf` writes them when the original tokenizer adds one; the tokenizers we build add none.
+The wrapper keeps it as `bos_id`, and `encode_prompt` is how generation, chat, serving, scoring and fine-tuning
+encode a text that starts a sequence, so a model sees its prompts as it saw them in training. The tokenizer.json's
+own post-processor is not read for this: a model lmforge trained with a Llama tokenizer was trained without it.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ SEPARATOR_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 class Tokenizer:
     """A thin wrapper over `tokenizers.Tokenizer` that knows its kind and its document separator."""
 
-    def __init__(self, hf: HFTokenizer, kind: str, eot_token: str | None = None):
+    def __init__(self, hf: HFTokenizer, kind: str, eot_token: str | None = None, bos_token: str | None = None):
         self.hf = hf
         self.kind = kind
         # Special-token text inside raw data must stay text; only our code inserts special ids.
@@ -47,6 +54,10 @@ class Tokenizer:
                 "tokenizer_config.json beside tokenizer.json"
             )
         self.eot_id = vocab[self.eot_token]
+        if bos_token is not None and bos_token not in vocab:
+            raise LMForgeError(f"the tokenizer has no {bos_token} to begin sequences with; name one it has")
+        self.bos_token = bos_token
+        self.bos_id = vocab[bos_token] if bos_token is not None else None
         self._chars = set(hf.get_vocab()) if kind == "char" else None
         unk = self.unk_id
         self.forbidden_ids = frozenset(i for i in self.special_ids if i != unk)  # never from raw text
@@ -60,7 +71,13 @@ class Tokenizer:
     def special_ids(self) -> list[int]:
         """Ids of the special tokens: raw text must never encode to any of them."""
         ids = {i for i, token in self.hf.get_added_tokens_decoder().items() if token.special}
-        return sorted(ids | {self.eot_id})
+        return sorted(ids | {self.eot_id} | ({self.bos_id} if self.bos_id is not None else set()))
+
+    @property
+    def document_start(self) -> int:
+        """The token a document follows: the beginning-of-sequence token of a model that has one, else end of text,
+        which separates the documents we train on."""
+        return self.eot_id if self.bos_id is None else self.bos_id
 
     @property
     def unk_id(self) -> int | None:
@@ -86,6 +103,12 @@ class Tokenizer:
         self.check_encodable(text)
         ids = self.hf.encode(text, add_special_tokens=False).ids
         return ids if self.forbidden_ids.isdisjoint(ids) else self.encode_literal(text)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """text as the start of a sequence for the model to continue: after the beginning-of-sequence token when the
+        model has one, as its original tokenizer encodes it; otherwise the same as encode."""
+        ids = self.encode(text)
+        return ids if self.bos_id is None else [self.bos_id, *ids]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # no offsets: faster
@@ -150,8 +173,8 @@ class Tokenizer:
         self.hf.save(str(path))
 
     @classmethod
-    def from_str(cls, data: str, kind: str, eot_token: str | None = None) -> Tokenizer:
-        return cls(HFTokenizer.from_str(data), kind, eot_token)
+    def from_str(cls, data: str, kind: str, eot_token: str | None = None, bos_token: str | None = None) -> Tokenizer:
+        return cls(HFTokenizer.from_str(data), kind, eot_token, bos_token)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -170,23 +193,39 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as exc:  # the tokenizers library raises a bare Exception for bad files
             raise LMForgeError(f"cannot read tokenizer {path}: {exc}; give a Hugging Face tokenizer.json") from exc
-        return cls(hf, detect_kind(path), _configured_eos(path, hf))
+        config = _tokenizer_config(path)
+        return cls(hf, detect_kind(path), _configured_eos(config, hf), _configured_bos(config, hf))
 
 
-def _configured_eos(path: Path, hf: HFTokenizer) -> str | None:
-    """The eos_token of a tokenizer_config.json beside path, when the tokenizer lacks <|endoftext|>."""
-    if hf.token_to_id(EOT) is not None:
-        return None
+def _tokenizer_config(path: Path) -> dict:
+    """The tokenizer_config.json beside path, or {} when there is none (or it cannot be read)."""
     config = path.with_name("tokenizer_config.json")
     if not config.is_file():
-        return None
+        return {}
     try:
-        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+        data = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    if isinstance(eos, dict):
-        eos = eos.get("content")
-    return eos if isinstance(eos, str) and hf.token_to_id(eos) is not None else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _token_named(config: dict, key: str, hf: HFTokenizer) -> str | None:
+    """The token config names under key (as text, or as an AddedToken's dict), when the tokenizer has it."""
+    token = config.get(key)
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) and hf.token_to_id(token) is not None else None
+
+
+def _configured_eos(config: dict, hf: HFTokenizer) -> str | None:
+    """The eos_token of tokenizer_config.json, when the tokenizer lacks <|endoftext|>."""
+    return None if hf.token_to_id(EOT) is not None else _token_named(config, "eos_token", hf)
+
+
+def _configured_bos(config: dict, hf: HFTokenizer) -> str | None:
+    """The bos_token of tokenizer_config.json when it sets add_bos_token true (a bos_token the tokenizer lacks adds
+    nothing, as in transformers)."""
+    return _token_named(config, "bos_token", hf) if config.get("add_bos_token") is True else None
 
 
 def detect_kind(path: Path) -> str:

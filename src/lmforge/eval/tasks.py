@@ -1,8 +1,9 @@
 """`lmforge eval --data` and `--task`: a run's language-model scores on text, and its scores on a task.
 
 `evaluate_text` scores a run on a data dir's split (its tokens must be the run's tokenizer's) or on a text file
-(read whole, one document after an end-of-text token, every token of it predicted once): loss, perplexity, bits per
-byte, loss by position (eval/lm.py).
+(read whole, one document after an end-of-text token, or after the beginning-of-sequence token of a model that has
+one, as transformers scores `tokenizer(text)`; every token of it predicted once): loss, perplexity, bits per byte,
+loss by position (eval/lm.py).
 
 `evaluate_task` reads records like the ones fine-tuning reads (data/sft.py, data/classify.py, with the run's own
 format, field mapping and template) and
@@ -74,7 +75,7 @@ def evaluate_text(
             text = data.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise LMForgeError(f"cannot read {data} as UTF-8 text: {exc}") from exc
-        batches = text_batches([lm.tokenizer.eot_id] + lm.tokenizer.encode(text), seq_len, batch_size)
+        batches = text_batches([lm.tokenizer.document_start] + lm.tokenizer.encode(text), seq_len, batch_size)
         if max_batches:
             batches = (b for i, b in zip(range(max_batches), batches))
         source = str(data)

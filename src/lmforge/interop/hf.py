@@ -12,6 +12,12 @@ tokenizer_config.json, special_tokens_map.json): loading them needs `transformer
 the logits equal ours. A run's chat template travels in tokenizer_config.json, and generation then also stops at
 <|im_end|>; an imported model's chat template lands in the run dir's chat_template.jinja. This module does not
 import `transformers` at all.
+
+A tokenizer that puts a beginning-of-sequence token before every text (Llama 2's `<s>`, Llama 3's
+`<|begin_of_text|>`) says so in its tokenizer.json post-processor, which is what transformers 5 reads. Import
+records it in the run dir's tokenizer_config.json (add_bos_token and bos_token, which `Tokenizer.load` reads and
+fine-tuning carries on), so that a model lmforge trained with such a tokenizer, but without that token, keeps
+encoding without it. Export writes both back: the post-processor, and add_bos_token for transformers 4.
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 
 from lmforge.chat import CHAT_TEMPLATE_FILE, IM_END, load_chat_template
 from lmforge.config import RunConfig
-from lmforge.data.tokenizer import EOT
+from lmforge.data.tokenizer import EOT, Tokenizer
 from lmforge.errors import LMForgeError
 from lmforge.model.gpt import GPT, ModelConfig, split_qkv
 from lmforge.train import checkpoint
@@ -404,7 +411,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     lm = LM.load(run_dir, step=step)
     c = lm.model.config
     family = family_for(c)
-    tokens = special_token_ids(lm.tokenizer.hf)
+    tokens = special_token_ids(lm.tokenizer)
     if lm.tokenizer.vocab_size > c.vocab_size:
         raise LMForgeError(f"the tokenizer has {lm.tokenizer.vocab_size} tokens, the model only {c.vocab_size}")
     tensors = to_hf_tensors(lm.model, family)
@@ -418,7 +425,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
         "dtype": "float32",
         "use_cache": True,
     }
-    special = {"bos_token": EOT, "eos_token": EOT} | ({"pad_token": PAD} if "pad_token_id" in tokens else {})
+    bos = lm.tokenizer.bos_token
+    special = {"bos_token": bos or EOT, "eos_token": EOT} | ({"pad_token": PAD} if "pad_token_id" in tokens else {})
     generation = dict(tokens)
     chat = {"chat_template": lm.chat_template} if lm.chat_template else {}
     end_of_turn = lm.tokenizer.hf.token_to_id(IM_END)
@@ -429,13 +437,14 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", config)
         write_json(tmp / "generation_config.json", generation)
-        shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "tokenizer.json").write_text(exported_tokenizer(run_dir, lm.tokenizer), encoding="utf-8")
         write_json(
             tmp / "tokenizer_config.json",
             {
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "model_max_length": c.seq_len,
                 "clean_up_tokenization_spaces": False,  # it would turn " ." into "." in character-level output
+                "add_bos_token": bos is not None,  # what transformers 4 reads for Llama; 5 reads tokenizer.json
                 **special,
                 **chat,
             },
@@ -453,16 +462,80 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
     }
 
 
-def special_token_ids(tokenizer: HFTokenizer) -> dict[str, int]:
-    """bos/eos (our end-of-text token, which also starts each document) and pad ids, for config.json files."""
-    eot = tokenizer.token_to_id(EOT)
-    ids = {"bos_token_id": eot, "eos_token_id": eot}
-    pad = tokenizer.token_to_id(PAD)
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """bos, eos and pad ids, for config.json files: eos is our end-of-text token, and so is bos (it also starts each
+    document) unless the model has a beginning-of-sequence token of its own."""
+    eot = tokenizer.hf.token_to_id(EOT)
+    ids = {"bos_token_id": eot if tokenizer.bos_id is None else tokenizer.bos_id, "eos_token_id": eot}
+    pad = tokenizer.hf.token_to_id(PAD)
     return ids | ({"pad_token_id": pad} if pad is not None else {})
 
 
-def import_tokenizer(hf_dir: Path, hf_config: dict, vocab_size: int) -> tuple[str, list[str]]:
-    """tokenizer.json text for the run dir, and notes on what was changed.
+def template_tokens(processor: dict | None) -> tuple[list[str], list[str]]:
+    """The special tokens a tokenizer.json post-processor puts before and after a single text."""
+    kind = (processor or {}).get("type")
+    if kind == "Sequence":
+        parts = [template_tokens(p) for p in processor.get("processors", [])]
+        return [t for before, _ in parts for t in before], [t for _, after in parts for t in after]
+    if kind in ("BertProcessing", "RobertaProcessing"):
+        return [processor["cls"][0]], [processor["sep"][0]]
+    if kind != "TemplateProcessing":
+        return [], []
+    named, single = processor.get("special_tokens", {}), processor.get("single", [])
+    cut = next((i for i, piece in enumerate(single) if "Sequence" in piece), len(single))
+
+    def tokens(pieces: list[dict]) -> list[str]:
+        keys = [piece["SpecialToken"]["id"] for piece in pieces if "SpecialToken" in piece]
+        return [token for key in keys for token in named.get(key, {}).get("tokens", [key])]
+
+    return tokens(single[:cut]), tokens(single[cut + 1 :])
+
+
+def original_bos(hf_dir: Path, spec: dict, tokenizer: HFTokenizer) -> tuple[str | None, list[str]]:
+    """The token the original tokenizer puts before every text, or None, and notes on what lmforge leaves out.
+
+    tokenizer.json's post-processor decides, as in transformers 5, which drops tokenizer_config.json's add_bos_token
+    when there is a tokenizer.json (transformers 4 read it for Llama tokenizers; Llama's own files agree).
+    """
+    before, after = template_tokens(spec.get("post_processor"))
+    bos, others = (before[0], before[1:] + after) if before else (None, after)
+    if bos is not None and tokenizer.token_to_id(bos) is None:
+        bos, others = None, [bos, *others]
+    notes = []
+    if others:
+        notes.append(f"the tokenizer also adds {', '.join(others)} to every text; lmforge's prompts leave that out")
+    path = hf_dir / "tokenizer_config.json"
+    flag = read_json(path).get("add_bos_token") if path.is_file() else None
+    if isinstance(flag, bool) and flag != (bos is not None):
+        notes.append(
+            f"tokenizer_config.json says add_bos_token={flag}, but tokenizer.json adds "
+            f"{bos or 'no beginning-of-sequence token'}; lmforge follows tokenizer.json, as transformers 5 does"
+        )
+    return bos, notes
+
+
+def exported_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> str:
+    """The run's tokenizer.json, with a post-processor that adds the beginning-of-sequence token exactly when our
+    prompts start with one (transformers 5 reads that, not tokenizer_config.json's add_bos_token). Unchanged when it
+    already does, as for the tokenizers we build and Llama's."""
+    text = (run_dir / "tokenizer.json").read_text(encoding="utf-8")
+    bos = tokenizer.bos_token
+    if template_tokens(json.loads(text).get("post_processor")) == ([bos] if bos else [], []):
+        return text
+    hf = HFTokenizer.from_str(text)
+    hf.post_processor = (
+        processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokenizer.bos_id)]
+        )
+        if bos
+        else None
+    )
+    return hf.to_str()
+
+
+def import_tokenizer(hf_dir: Path, hf_config: dict, vocab_size: int) -> tuple[str, str | None, list[str]]:
+    """tokenizer.json text for the run dir, the token the original tokenizer puts before every text (or None), and
+    notes on what was changed.
 
     Our tokenizer needs an <|endoftext|> token. When the model's tokenizer has none (Llama's ends with </s>),
     it is added as one more special token after the existing ones: no existing id changes.
@@ -473,12 +546,14 @@ def import_tokenizer(hf_dir: Path, hf_config: dict, vocab_size: int) -> tuple[st
             f"{hf_dir} has no tokenizer.json; save the fast tokenizer there with "
             "AutoTokenizer.from_pretrained(...).save_pretrained(dir)"
         )
-    tokenizer = HFTokenizer.from_file(str(path))
+    text = path.read_text(encoding="utf-8")
+    tokenizer = HFTokenizer.from_str(text)
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > vocab_size:
         raise LMForgeError(f"the tokenizer in {hf_dir} has {size} tokens but the model only {vocab_size} embeddings")
+    bos, notes = original_bos(hf_dir, json.loads(text), tokenizer)
     if tokenizer.token_to_id(EOT) is not None:
-        return path.read_text(encoding="utf-8"), []
+        return text, bos, notes
     before = tokenizer.get_vocab(with_added_tokens=True)
     tokenizer.add_special_tokens([EOT])
     assert all(tokenizer.token_to_id(token) == i for token, i in before.items()), "adding a token moved ids"
@@ -489,16 +564,17 @@ def import_tokenizer(hf_dir: Path, hf_config: dict, vocab_size: int) -> tuple[st
     if eot >= vocab_size:
         note += (
             f"; it is outside the model's {vocab_size} embeddings, so generation does not stop at the model's own end"
-            f" token {eos!r} by itself and an empty prompt cannot be used: give a prompt"
+            f" token {eos!r} by itself" + (" and an empty prompt cannot be used: give a prompt" if bos is None else "")
         )
-    return tokenizer.to_str(), [note]
+    return tokenizer.to_str(), bos, [note, *notes]
 
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) -> dict:
     """Turn a local transformers model dir (GPT-2 or Llama family) into a run dir; returns what was written.
 
-    The run dir holds config.json (preset "imported"), tokenizer.json, the chat template if the model has one,
-    and a weights-only checkpoint step_000000, so `LM.load(run_dir)`, `lmforge generate` and evaluation work on
+    The run dir holds config.json (preset "imported"), tokenizer.json, a tokenizer_config.json naming the
+    beginning-of-sequence token if the tokenizer adds one, the chat template if the model has one, and a
+    weights-only checkpoint step_000000, so `LM.load(run_dir)`, `lmforge generate` and evaluation work on
     it, and fine-tuning can start from it.
     """
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
@@ -511,7 +587,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) 
     if ModelConfig(**{**fields, "n_inner": 0}).mlp_hidden == model_config.mlp_hidden:
         model_config = replace(model_config, n_inner=0)  # the default derivation gives the same width: keep it implicit
     state = from_hf_tensors(read_tensors(hf_dir), family, model_config)
-    tokenizer_text, notes = import_tokenizer(hf_dir, hf_config, model_config.vocab_size)
+    tokenizer_text, bos, notes = import_tokenizer(hf_dir, hf_config, model_config.vocab_size)
     chat_template = load_chat_template(hf_dir)
     model = GPT(model_config)
     model.load_state_dict(state, strict=True)
@@ -519,6 +595,8 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) 
     try:
         RunConfig(model=model_config, preset="imported").save(tmp / "config.json")
         (tmp / "tokenizer.json").write_text(tokenizer_text, encoding="utf-8")
+        if bos is not None:  # prompts start with it, as the original tokenizer starts every text
+            write_json(tmp / "tokenizer_config.json", {"add_bos_token": True, "bos_token": bos})
         if chat_template:
             (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
         checkpoint.save(tmp, 0, model, None, {"imported_from": str(hf_dir.resolve()), "tokens": 0}, keep_last=1)

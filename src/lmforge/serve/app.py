@@ -376,7 +376,7 @@ def create_app(lm, settings: ServeSettings | None = None) -> FastAPI:
             raise APIError(400, "the prompt is empty; give some text", "prompt")
         check_common(req, len(items))
         try:
-            prompts = [lm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
+            prompts = [lm.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p) for p in items]
         except LMForgeError as exc:
             raise APIError(400, str(exc), "prompt") from None
         logprobs = req.logprobs
