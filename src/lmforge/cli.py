@@ -543,7 +543,9 @@ def add_serve(sub) -> None:
         description=(
             "Serve RUN_DIR's model: GET /health, GET /v1/models, POST /v1/completions and /v1/chat/completions "
             "(streaming with server-sent events), and a playground page at /. Concurrent requests are decoded "
-            "together; when --max-queue requests already wait, new ones get 429 at once."
+            "together; when --max-queue requests already wait, new ones get 429 at once. SIGTERM or Ctrl-C drains: "
+            "new requests and /health get 503 while the ones in flight finish (for up to --timeout seconds; a "
+            "second signal stops at once), then the server exits with 0."
         ),
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -552,7 +554,12 @@ def add_serve(sub) -> None:
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 (default: $LMFORGE_API_KEY, if set)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default: 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (default: 64)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take (default: 120)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds a request may take, and the longest drain at shutdown (default: 120)",
+    )
     p.add_argument("--max-tokens", type=int, help="the most tokens one request may ask for (default: the context)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
     p.add_argument("--device", default="cpu")
