@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import quiet
+from conftest import losses, quiet
 from lmforge.api import LM
 from lmforge.config import RunConfig
 from lmforge.errors import LMForgeError
@@ -16,12 +16,6 @@ from lmforge.files import sha256_file
 from lmforge.model.gpt import qkv_sizes, split_qkv
 from lmforge.train import checkpoint
 from lmforge.train.trainer import train
-
-
-def losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
 
 FAST = {"train.max_steps": 12, "train.save_every": 4, "train.log_every": 1, "train.eval_every": 4, "train.keep_last": 3}
 

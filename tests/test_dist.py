@@ -1,18 +1,14 @@
 """Real torchrun with two gloo processes: DDP and FSDP2 match one process with the same global batch."""
 
-import json
 import subprocess
 import sys
 
 import pytest
 
+from conftest import losses
+
 COMMON = ["--preset", "tiny", "--train.batch_size", "8", "--train.log_every", "1", "--train.eval_every", "4",
           "--train.save_every", "4", "--optim.schedule", "constant", "--quiet"]  # fmt: skip
-
-
-def losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def train(data, out, steps, *extra, nproc=1):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import quiet
+from conftest import losses, quiet
 from lmforge.api import LM
 from lmforge.chat import CHAT_TEMPLATE_FILE, CHATML_TEMPLATE, IM_END, encode_chat
 from lmforge.cli import main
@@ -58,11 +58,6 @@ def reversal_records() -> tuple[list[dict], list[dict]]:
     random.Random(0).shuffle(words)
     records = [{"prompt": w + "=", "response": w[::-1]} for w in words]
     return records[200:], records[:200]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def test_sft_learns_to_reverse_strings(tmp_path):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import quiet
+from conftest import losses, quiet
 from lmforge.api import LM
 from lmforge.config import OptimConfig, RunConfig, apply_overrides, parse_duration
 from lmforge.errors import LMForgeError
@@ -13,11 +13,6 @@ from lmforge.train.schedule import lr_at
 from lmforge.train.trainer import train
 
 FAST = {"train.max_steps": 24, "train.save_every": 8, "train.log_every": 1, "train.eval_every": 8}
-
-
-def losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 class Crash(Exception):
