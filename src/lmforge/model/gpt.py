@@ -91,6 +91,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, skipped outright when off: a plain call, not an nn.Dropout module, whose call per layer costs a
+    decoding step measurable time."""
+    return F.dropout(x, p, training=True) if p and training else x
+
+
 @dataclass
 class Context:
     """What every layer of one forward pass shares: rotary tables, the attention mask, the cache placement."""
@@ -191,12 +197,8 @@ class Block(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, ctx: Context, layer: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), ctx, layer))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
-
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
-        # A plain call, not an nn.Dropout module: a module call per layer costs a decoding step measurable time.
-        return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
+        x = x + dropout(self.attn(self.attn_norm(x), ctx, layer), self.dropout, self.training)
+        return x + dropout(self.mlp(self.mlp_norm(x)), self.dropout, self.training)
 
 
 class GPT(nn.Module):
@@ -298,8 +300,7 @@ class GPT(nn.Module):
             x = x + self.pos_emb(positions)
         elif self.config.pos_emb == "sinusoidal":
             x = x + self.sin_table[positions].to(x.dtype)
-        if self.config.dropout and self.training:
-            x = F.dropout(x, self.config.dropout, training=True)
+        x = dropout(x, self.config.dropout, self.training)
         ctx = self.context(B, T, positions, end, cache, slots, attention_mask)
         for layer, block in enumerate(self.blocks):
             x = block(x, ctx, layer)
