@@ -177,6 +177,18 @@ def hf_char_tokenizer(special: list[str], bos: str | None = None):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=hf, eos_token=special[-1], bos_token=bos)
 
 
+def save_tiny_llama(path: Path, tokenizer, vocab_size: int, max_shard_size=None, **fields):
+    """A 2-layer, 32-wide LlamaForCausalLM (perturbed) and its tokenizer saved with save_pretrained; returns the model.
+    fields set or override its LlamaConfig (<s> is id 1 and </s> id 2, as hf_char_tokenizer makes them)."""
+    config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-5,
+              "rope_theta": 500.0, "bos_token_id": 1, "eos_token_id": 2, **fields}  # fmt: skip
+    torch.manual_seed(0)
+    hf_model = perturbed(transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=vocab_size, **config)))
+    hf_model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    tokenizer.save_pretrained(path)
+    return hf_model
+
+
 def perturbed(model):
     """transformers initialises biases to 0 and norms to 1; move them so a misplaced tensor shows."""
     torch.manual_seed(3)
@@ -253,23 +265,10 @@ def test_import_llama_made_by_transformers(tmp_path, fields):
     tokenizer = hf_char_tokenizer(["<unk>", "<s>", "</s>"])  # Llama style: no <|endoftext|>
     fields = dict(fields)
     padding = fields.pop("padding")
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer) + padding,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=24,
-        rms_norm_eps=1e-5,
-        rope_theta=500.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **fields,
-    )
-    torch.manual_seed(0)
-    hf_model = perturbed(transformers.LlamaForCausalLM(config))
     path = tmp_path / "hf_llama"
-    hf_model.save_pretrained(path, max_shard_size="20KB")
-    tokenizer.save_pretrained(path)
+    hf_model = save_tiny_llama(
+        path, tokenizer, len(tokenizer) + padding, max_shard_size="20KB", max_position_embeddings=24, **fields
+    )
     if fields["num_key_value_heads"] == 2:
         assert (path / "model.safetensors.index.json").is_file()
     with pytest.warns(UserWarning, match="no <\\|endoftext\\|>"):
@@ -384,23 +383,11 @@ def hf_llama_bos(tmp_path) -> tuple[Path, torch.nn.Module, transformers.PreTrain
     Its tokenizer_config.json says add_bos_token, as Llama 2's does (transformers 5 reads the post-processor)."""
     tokenizer = hf_char_tokenizer(["<unk>", "<s>", "</s>"], bos="<s>")
     tokenizer.chat_template = BOS_CHAT_TEMPLATE
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer) + 2,  # room for the <|endoftext|> import adds, so the run can be exported
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rope_theta=500.0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    hf_model = perturbed(transformers.LlamaForCausalLM(config))
     path = tmp_path / "hf_llama_bos"
-    hf_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    vocab_size = len(tokenizer) + 2  # room for the <|endoftext|> import adds, so the run can be exported
+    hf_model = save_tiny_llama(
+        path, tokenizer, vocab_size, intermediate_size=48, num_key_value_heads=2, max_position_embeddings=64
+    )
     tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "add_bos_token": True}))
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)  # as a user of the original dir gets it
