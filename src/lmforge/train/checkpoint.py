@@ -27,13 +27,6 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from lmforge.errors import LMForgeError
 from lmforge.files import sha256_file
@@ -105,6 +98,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _uses_distributed_state(optimizers: list) -> bool:
+    """Whether a save or load goes through torch.distributed.checkpoint: under torchrun (DDP, FSDP2's sharded
+    parameters) and for optimizer state (keyed by parameter name there). Reading or writing weights alone in one
+    process is the module's own state_dict, which is the same thing there, and spares every command that only reads
+    weights (generate, eval, serve, export) the second that importing torch.distributed.checkpoint takes."""
+    return bool(optimizers) or dist.is_initialized()
+
+
 def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors file of a full state dict; a tensor shared under two names (tied weights) is stored once."""
     seen: dict[tuple, str] = {}
@@ -146,9 +147,18 @@ def save(
     only rank 0 writes.
     """
     optimizers = _optimizer_list(optimizer)
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=full)
-    optim_state = get_optimizer_state_dict(model, optimizers, options=full) if optimizers else None
+    if _uses_distributed_state(optimizers):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=full)
+        optim_state = get_optimizer_state_dict(model, optimizers, options=full) if optimizers else None
+    else:
+        model_state, optim_state = {name: t.detach().cpu() for name, t in model.state_dict().items()}, None
     files = {"model.safetensors": model_state} if published is None else {"model.safetensors": published}
     if published is not None:
         files[TRAINING] = model_state
@@ -248,6 +258,15 @@ def load(path: Path, model: torch.nn.Module, optimizer=None, training: bool | No
         training = bool(optimizers)
     name = TRAINING if training and TRAINING in state["files"] else "model.safetensors"
     weights = load_weights(path / name)
+    if not _uses_distributed_state(optimizers):
+        model.load_state_dict(weights, strict=True)
+        return state
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
     if optimizers:
         if "optimizer.pt" not in state["files"]:
