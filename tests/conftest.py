@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from lmforge.data.prepare import prepare
+from lmforge.train.log import read_metrics
 from lmforge.train.trainer import train
 
 TEXT = (
@@ -53,9 +53,25 @@ def one_thread():
 
 def losses(run_dir) -> dict[int, float]:
     """The training loss logged at each step of a run, from its metrics.jsonl."""
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def quiet(*args) -> None:
     pass
+
+
+def endless_model(vocab_size: int, eot_id: int, seq_len: int = 512, n_layer: int = 4, n_embd: int = 128):
+    """An untrained model whose replies never end by chance: its end-of-text logit is pinned at -n_embd (the final
+    LayerNorm's output sums to its bias, 1 per channel, and the end-of-text row of the untied head is all -1)."""
+    import torch
+
+    from lmforge.model.gpt import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=n_layer, n_head=2, n_embd=n_embd,
+                         tie_embeddings=False)  # fmt: skip
+    model = GPT(config).eval()
+    with torch.no_grad():
+        model.norm.bias.fill_(1.0)
+        model.lm_head.weight[eot_id] = -1.0
+    return model

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 
+from conftest import endless_model
 from lmforge.api import LM
 from lmforge.chat import (
     CHAT_TEMPLATE_FILE,
@@ -26,6 +28,7 @@ from lmforge.chat import (
 from lmforge.errors import LMForgeError
 from lmforge.generate import SamplingParams
 from lmforge.model.gpt import GPT, ModelConfig
+from lmforge.train import checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,12 +167,33 @@ def test_the_terminal_loop(lm):
     assert session.params.max_new_tokens == 5 and len(session.messages) == 2
 
 
-def test_ctrl_c_stops_a_reply_and_the_session_goes_on(tiny_run):
-    command = [sys.executable, "-m", "lmforge.cli", "chat", str(tiny_run), "--overflow", "slide",
+def default_ctrl_c() -> None:
+    """A test runner started as a background job ignores Ctrl-C, and its children inherit that: the chat process
+    gets the default disposition back, so Python turns Ctrl-C into KeyboardInterrupt as in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_stops_a_reply_and_the_session_goes_on(tmp_path, tiny_run):
+    """Ctrl-C during a reply stops it and the session takes the next message; the reply never ends by itself (its
+    model cannot pick end-of-text), so the Ctrl-C always lands on a running reply."""
+    lm = LM.load(tiny_run)
+    model = endless_model(lm.tokenizer.vocab_size, lm.tokenizer.eot_id, seq_len=64, n_layer=2, n_embd=64)
+    run = tmp_path / "endless"
+    run.mkdir()
+    dataclasses.replace(lm.config, model=model.config).save(run / "config.json")
+    shutil.copyfile(tiny_run / "tokenizer.json", run / "tokenizer.json")
+    checkpoint.save(run, 0, model, None, {}, keep_last=1)
+    command = [sys.executable, "-m", "lmforge.cli", "chat", str(run), "--overflow", "slide",
                "--max-new-tokens", "1000000", "--threads", "1"]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        preexec_fn=default_ctrl_c,
     )
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
@@ -181,28 +205,18 @@ def test_ctrl_c_stops_a_reply_and_the_session_goes_on(tiny_run):
             assert proc.poll() is None and time.time() < deadline, f"no {what} in {''.join(output)[-500:]!r}"
             time.sleep(0.02)
 
+    def reply(text: str) -> str:  # what came after the newest "model> "
+        return text.rpartition("model> ")[2]
+
     try:
         wait_for(lambda text: "you> " in text, "prompt")
-        # The sampler may end a reply (end-of-text) at any moment, also just before the Ctrl-C arrives, which then
-        # lands on the prompt ("Ctrl-D or /quit leaves"): ask again until a Ctrl-C stops a reply that is running.
-        for _ in range(20):
-            start = len("".join(output))
-            proc.stdin.write("First\n")
+        for replies, message in enumerate(("First", "Second"), start=1):  # the session goes on after a stop
+            proc.stdin.write(message + "\n")
             proc.stdin.flush()
-
-            def reply(text: str, start: int = start) -> str:
-                return text[start:].partition("model> ")[2]
-
-            wait_for(lambda text: len(reply(text)) > 50 or "you> " in reply(text), "reply")
-            if "you> " in reply("".join(output)):
-                continue  # ended before we pressed Ctrl-C
+            wait_for(lambda text, n=replies: text.count("model> ") == n, "reply")
+            wait_for(lambda text: len(reply(text)) > 50, "a long reply")
             proc.send_signal(signal.SIGINT)
-            wait_for(lambda text: "[stopped]" in reply(text) or "/quit leaves" in reply(text), "stop")
-            if "[stopped]" in reply("".join(output)):
-                break
-            wait_for(lambda text: reply(text).rstrip().endswith("you>"), "prompt")
-        else:
-            raise AssertionError("no reply ran long enough to be stopped")
+            wait_for(lambda text: "[stopped]" in reply(text) and reply(text).rstrip().endswith("you>"), "stop")
         proc.stdin.write("/params\n")
         proc.stdin.flush()
         wait_for(lambda text: "max_new_tokens=1000000" in text, "settings")

@@ -1,9 +1,14 @@
-"""Checkpoints against damage: truncation, bit flips, missing files, a kill during the purge, pickles."""
+"""Checkpoints against damage: truncation, bit flips, missing files, a kill during the purge, pickles, a read-only
+directory."""
 
+import contextlib
+import errno
 import json
 import os
 import pickle
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,18 +119,56 @@ def test_no_bare_torch_load_in_the_package():
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
 
 
-def test_read_only_directory_keeps_the_previous_checkpoint(run):
-    if os.geteuid() == 0:
-        # root ignores directory permissions; simulate a full disk by making the target a file instead
-        root = run / "checkpoints"
-        blocker = root / f".tmp-step_000013-{os.getpid()}"
-        blocker.write_text("in the way")
-        model = LM.load(run).model
-        with pytest.raises(LMForgeError, match="cannot write checkpoint"):
-            checkpoint.save(run, 13, model, None, {}, keep_last=3)
-        blocker.unlink()
-    assert checkpoint.complete_checkpoints(run)[-1].name == "step_000012"
-    assert LM.load(run).model is not None
+@contextlib.contextmanager
+def read_only(directory: Path, monkeypatch):
+    """Make directory read-only for real: a read-only bind mount for root (who ignores permissions), the
+    directory's permissions for any other user. Where root may not mount, an EROFS is raised at the write instead.
+    Yields how the fault was made."""
+    if os.geteuid() != 0:
+        mode = directory.stat().st_mode
+        directory.chmod(0o555)
+        try:
+            yield "permissions"
+        finally:
+            directory.chmod(mode)
+        return
+    mount = ["mount", "--bind", str(directory), str(directory)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        from lmforge.train import checkpoint as module
+
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(directory))
+
+        monkeypatch.setattr(module, "_write", refuse)
+        yield "injected"
+        monkeypatch.undo()
+        return
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(directory), str(directory)], check=True)
+        yield "mount"
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def snapshot(run) -> dict[str, str]:
+    return {f"{p.name}/{f.name}": sha256_file(f) for p in checkpoint.complete_checkpoints(run) for f in p.iterdir()}
+
+
+def test_read_only_directory_keeps_the_previous_checkpoint(run, monkeypatch):
+    """docs/reliability.md item 8: the checkpoint directory is read-only when a save comes: the run stops with a
+    one-line error, every earlier checkpoint is intact and nothing partial is left; once writable, the run resumes."""
+    before = snapshot(run)
+    with read_only(run / "checkpoints", monkeypatch) as how:
+        with pytest.raises(LMForgeError) as caught:
+            train(None, run, overrides={"train.max_steps": 16}, progress_bar=False, echo=quiet)
+        message = str(caught.value)
+        assert "cannot write checkpoint" in message and "step_000016" in message and "\n" not in message, message
+        if how != "injected":
+            assert "Read-only file system" in message or "Permission denied" in message, message
+    assert snapshot(run) == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000004", "step_000008", "step_000012"]
+    result = train(None, run, overrides={"train.max_steps": 16}, progress_bar=False, echo=quiet)
+    assert result["step"] == 16 and checkpoint.complete_checkpoints(run)[-1].name == "step_000016"
 
 
 def test_a_checkpoint_from_before_the_fused_qkv_projection_resumes_the_same_run(run, tmp_path):

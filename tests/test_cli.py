@@ -1,5 +1,7 @@
 """The lmforge command as a user runs it: a real subprocess, exit codes, one-line errors."""
 
+import argparse
+import concurrent.futures
 import json
 import os
 import random
@@ -10,6 +12,8 @@ import time
 
 import pytest
 
+from lmforge.cli import main
+
 LMFORGE = [sys.executable, "-m", "lmforge.cli"]
 
 
@@ -18,36 +22,51 @@ def run(*args, timeout=180, **kwargs):
     return subprocess.run([*LMFORGE, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_prepare_train_generate(tmp_path, corpus_file):
-    data, out = tmp_path / "data", tmp_path / "run"
-    result = run("prepare", corpus_file, "--out", data, "--quiet")
-    assert result.returncode == 0, result.stderr
-    assert "train:" in result.stdout and "tokenizer: char" in result.stdout
-    result = run("train", "--data", data, "--out", out, "--preset", "tiny", "--max-steps", 12, "--quiet")
-    assert result.returncode == 0, result.stderr
-    assert "parameters" in result.stdout and "checkpoint:" in result.stdout
-    result = run("generate", out, "--prompt", "First", "--max-new-tokens", 30, "--seed", 1, "--num-samples", 2)
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, corpus_file):
+    """lmforge prepare, then lmforge train for 12 steps: (the folder holding data/ and run/, their results)."""
+    root = tmp_path_factory.mktemp("cli")
+    prepared = run("prepare", corpus_file, "--out", root / "data", "--quiet")
+    assert prepared.returncode == 0, prepared.stderr
+    args = ["--data", root / "data", "--out", root / "run", "--preset", "tiny", "--max-steps", 12, "--quiet"]
+    trained = run("train", *args)
+    assert trained.returncode == 0, trained.stderr
+    return root, {"prepare": prepared, "train": trained}
+
+
+def test_prepare_train_generate(cli_run):
+    root, results = cli_run
+    assert "train:" in results["prepare"].stdout and "tokenizer: char" in results["prepare"].stdout
+    assert "parameters" in results["train"].stdout and "checkpoint:" in results["train"].stdout
+    result = run("generate", root / "run", "--prompt", "First", "--max-new-tokens", 30, "--seed", 1, "--num-samples", 2)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("First") >= 2 and "sample 2" in result.stdout
     # rerunning the finished command resumes, finds nothing to do, and succeeds
-    result = run("train", "--data", data, "--out", out, "--preset", "tiny", "--max-steps", 12, "--quiet")
+    args = ["--data", root / "data", "--out", root / "run", "--preset", "tiny", "--max-steps", 12, "--quiet"]
+    result = run("train", *args)
     assert result.returncode == 0, result.stderr
     assert "resuming at step 12" in result.stdout
 
 
+def commands() -> list[str]:
+    from lmforge.cli import build_parser
+
+    parser = build_parser()
+    (subcommands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(subcommands.choices)
+
+
 def test_every_subcommand_has_help():
-    for command in ("prepare", "train", "generate", "demo"):
-        result = run(command, "--help")
-        assert result.returncode == 0 and "usage:" in result.stdout
-    assert "--model.n_layer" in run("train", "--help").stdout
-
-
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, corpus_file):
-    root = tmp_path_factory.mktemp("cli")
-    run("prepare", corpus_file, "--out", root / "data", "--quiet")
-    run("train", "--data", root / "data", "--out", root / "run", "--preset", "tiny", "--max-steps", 5, "--quiet")
-    return root
+    names = commands()
+    assert len(names) == 11 and {"prepare", "train", "finetune", "serve", "export", "import"} <= set(names)
+    overview = run("--help")
+    assert overview.returncode == 0 and all(name in overview.stdout for name in names)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # each is a process of its own: run a few at once
+        results = dict(zip(names, pool.map(lambda name: run(name, "--help"), names)))
+    for name, result in results.items():
+        assert result.returncode == 0 and not result.stderr, (name, result.stderr)
+        assert result.stdout.startswith(f"usage: lmforge {name}") and "--help" in result.stdout, name
+    assert "--model.n_layer" in results["train"].stdout and "--lora.rank" in results["finetune"].stdout
 
 
 def bad_cases(root):
@@ -70,16 +89,26 @@ def bad_cases(root):
     ]
 
 
-def test_bad_input_gets_one_line_and_exit_2(cli_run):
-    for args, message in bad_cases(cli_run):
-        result = run(*args)
+def test_bad_input_gets_one_line_and_exit_2(cli_run, capsys):
+    """Every case in this process through main(), as the command runs it; three also as real commands."""
+    root, _ = cli_run
+    cases = bad_cases(root)
+    for args, message in cases:
+        assert main([str(a) for a in args]) == 2, args
+        captured = capsys.readouterr()
+        lines = [line for line in captured.err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("lmforge: error:"), (args, captured.err)
+        assert message in lines[0], (args, lines[0])
+    real = [cases[0], cases[5], cases[-1]]  # prepare, train (a flag), generate
+    assert [args[0] for args, _ in real] == ["prepare", "train", "generate"]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda case: run(*case[0]), real))
+    for (args, message), result in zip(real, results):
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("lmforge: error:"), (args, result.stderr)
-        assert message in lines[0], (args, lines[0])
-        assert "Traceback" not in result.stderr
-    assert not any((cli_run / name).exists() for name in ("o1", "o2", "o3", "o4"))
-    assert not any((cli_run / name / "checkpoints").exists() for name in ("r1", "r2", "r3", "r4", "r5", "r6"))
+        assert len(lines) == 1 and lines[0].startswith("lmforge: error:") and message in lines[0], result.stderr
+    assert not any((root / name).exists() for name in ("o1", "o2", "o3", "o4"))
+    assert not any((root / name / "checkpoints").exists() for name in ("r1", "r2", "r3", "r4", "r5", "r6"))
 
 
 def last_step(run_dir) -> int:
@@ -100,8 +129,13 @@ def test_sigkill_during_training_then_resume_matches_straight(tmp_path, char_dat
 
     common = ["--data", char_data, "--preset", "tiny", "--max-steps", 300, "--train.save_every", 7,
               "--train.log_every", 1, "--train.eval_every", 50, "--train.threads", 1, "--quiet"]  # fmt: skip
-    straight = run("train", "--out", tmp_path / "straight", *common)
-    assert straight.returncode == 0, straight.stderr
+    # the straight run goes on beside the killed ones (its own process: a second core, where there is one)
+    errors = open(tmp_path / "straight.err", "w")
+    straight = subprocess.Popen(
+        [*LMFORGE, "train", "--out", str(tmp_path / "straight"), *map(str, common)],
+        stdout=subprocess.DEVNULL,
+        stderr=errors,
+    )
     out = tmp_path / "killed"
     rng = random.Random(0)
     kills, target = 0, 0
@@ -119,6 +153,9 @@ def test_sigkill_during_training_then_resume_matches_straight(tmp_path, char_dat
     final = run("train", "--out", out, *common)
     assert final.returncode == 0, final.stderr
     assert kills == 4
+    code = straight.wait(timeout=180)
+    errors.close()
+    assert code == 0, (tmp_path / "straight.err").read_text()
 
     def read(path):
         return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]

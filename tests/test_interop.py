@@ -231,8 +231,14 @@ def test_import_gpt2_made_by_transformers(tmp_path, hf_gpt2):
     assert lm.config.preset == "imported" and lm.model.config.tie_embeddings
     assert lm.tokenizer.eot_id == 1
     assert lm.chat_template == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    text = lm.generate("Speak", max_new_tokens=10, temperature=0.0)[0]
-    assert isinstance(text, str)
+    # greedy decoding through our engine (KV cache, stop at end-of-text) picks transformers' tokens
+    prompt = lm.encode_prompt("Speak")
+    ours = lm.complete("Speak", max_new_tokens=10, temperature=0.0)[0]
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    theirs = theirs[0, len(prompt) :].tolist()
+    assert ours.token_ids == (theirs[:-1] if theirs[-1] == 1 and len(theirs) < 10 else theirs)
+    assert ours.text == lm.tokenizer.decode(ours.token_ids)
 
 
 def test_import_gpt2_file_in_the_original_layout(tmp_path, hf_gpt2):

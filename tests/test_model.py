@@ -56,7 +56,7 @@ def test_overfits_one_batch(variant):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert loss.item() < 0.05
+    assert loss.item() < 0.1  # from ln(50) = 3.9; 0.002-0.024 over seeds 0-4
 
 
 def test_loss_ignores_masked_targets():

@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import uvicorn
 
+from conftest import endless_model
 from lmforge.api import LM
-from lmforge.model.gpt import GPT, ModelConfig
 from lmforge.serve.app import ServeSettings, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -24,20 +23,11 @@ FLAGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-ne
 
 @pytest.fixture(scope="module")
 def page_url(tiny_run):
-    """A server for a 512-token untrained model with the tiny run's tokenizer: long enough replies to watch stream.
-
-    Its end-of-text logit is pinned at -n_embd (the final LayerNorm's output sums to its bias, 1 per channel, and
-    the end-of-text row of the untied head is all -1), so a reply never ends early by chance.
-    """
+    """A server for a 512-token untrained model with the tiny run's tokenizer whose replies never end by chance:
+    long enough to watch stream."""
     lm = LM.load(tiny_run)
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=lm.tokenizer.vocab_size, seq_len=512, n_layer=4, n_head=2, n_embd=128,
-                         tie_embeddings=False)  # fmt: skip
-    model = GPT(config).eval()
-    with torch.no_grad():
-        model.norm.bias.fill_(1.0)
-        model.lm_head.weight[lm.tokenizer.eot_id] = -1.0
-    slow = LM(model, lm.tokenizer, dataclasses.replace(lm.config, model=config))
+    model = endless_model(lm.tokenizer.vocab_size, lm.tokenizer.eot_id)
+    slow = LM(model, lm.tokenizer, dataclasses.replace(lm.config, model=model.config))
     server = uvicorn.Server(
         uvicorn.Config(create_app(slow, ServeSettings()), host="127.0.0.1", port=0, log_level="warning")
     )

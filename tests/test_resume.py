@@ -1,4 +1,4 @@
-"""Resuming repeats the straight run (RELIABILITY.md items 3, 4, 5 and 12).
+"""Resuming repeats the straight run (docs/reliability.md items 3, 4, 5 and 12).
 
 A run killed right after checkpoint k is simulated by copying a finished run dir and deleting its checkpoints after
 k (`rewind`): what a kill leaves on disk, metrics.jsonl lines past k included. The loop is observed from outside:
@@ -355,12 +355,13 @@ def test_ctrl_c_finishes_the_step_saves_it_and_the_resumed_run_equals_the_straig
         return optimizers
 
     monkeypatch.setattr(trainer, "build_optimizers", with_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN under a runner that ignores Ctrl-C
     stopped = tmp_path / "stopped"
     config = RunConfig.load(run / "config.json")
     with pytest.raises(KeyboardInterrupt):
         train(str(config.data), stopped, preset="tiny", overrides=FAST, progress_bar=False, echo=quiet)
     assert checkpoint.complete_checkpoints(stopped)[-1].name == "step_000005"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is handler  # the handler is put back
     monkeypatch.setattr(trainer, "build_optimizers", real)
     train(None, stopped, progress_bar=False, echo=quiet)
     assert records(stopped) == records(run)

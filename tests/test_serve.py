@@ -64,8 +64,8 @@ class Server:
     def client(self, api_key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=30)
 
-    def wait_idle(self, within: float) -> float:
-        """Seconds until no sequence is decoding or waiting; fails after `within`."""
+    def wait_idle(self, within: float = 30) -> float:
+        """Seconds until no sequence is decoding or waiting; fails after `within` (a hang, not a slow machine)."""
         start = time.time()
         while True:
             stats = self.health()
@@ -131,9 +131,18 @@ def test_completions_with_the_openai_client(server, lm):
     assert seeded[0] == seeded[1]
     batch = client.completions.create(model="tiny", prompt=["First", "All:"], max_tokens=15, seed=5, n=2)
     assert len(batch.choices) == 4 and batch.choices[2].text == seeded[0]
-    full = client.completions.create(model="tiny", prompt="First", max_tokens=20, temperature=0).choices[0]
+    # 20 tokens whatever the model says (no end-of-text stop); the stop string is cut from them
+    greedy = {
+        "model": "tiny",
+        "prompt": "First",
+        "max_tokens": 20,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    full = client.completions.create(**greedy).choices[0]
     stop = full.text[4:6]
-    cut = client.completions.create(model="tiny", prompt="First", max_tokens=20, temperature=0, stop=[stop]).choices[0]
+    assert len(stop) == 2, full.text
+    cut = client.completions.create(**greedy, stop=[stop]).choices[0]
     assert cut.text == full.text[: full.text.index(stop)] and cut.finish_reason == "stop"
 
 
@@ -320,14 +329,16 @@ def test_a_client_that_disconnects_frees_its_slot(long_server):
                 events += line.startswith("data: ")
                 if events == 3:
                     break
-    assert long_server.wait_idle(within=1.0) < 1.0
+    # freed at once, however loaded the machine: measured in tokens decoded, not seconds (bench/serve_load.py
+    # measures the seconds)
+    long_server.wait_idle()
     generated = long_server.health()["tokens_generated"] - before
     assert generated < 500, generated  # stopped early, not after all 1000 tokens
     # a non-streaming client that gives up is noticed too
     before = long_server.health()["tokens_generated"]
     with pytest.raises(httpx.TimeoutException):
         httpx.post(long_server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
-    assert long_server.wait_idle(within=1.5) < 1.5
+    long_server.wait_idle()
     assert long_server.health()["tokens_generated"] - before < 900
     ok = httpx.post(long_server.url + "/v1/completions", json={"prompt": "First", "max_tokens": 5}, timeout=30)
     assert ok.status_code == 200
@@ -335,6 +346,7 @@ def test_a_client_that_disconnects_frees_its_slot(long_server):
 
 def test_many_clients_disconnecting_mid_stream_leave_nothing_behind(long_server):
     clients = 100
+    before = long_server.health()["tokens_generated"]
     body = {"prompt": "First", "max_tokens": 800, "ignore_eos": True, "stream": True}
 
     async def leave_after_first_token(http: httpx.AsyncClient) -> None:
@@ -350,7 +362,9 @@ def test_many_clients_disconnecting_mid_stream_leave_nothing_behind(long_server)
             await asyncio.gather(*(leave_after_first_token(http) for _ in range(clients)))
 
     asyncio.run(run())
-    assert long_server.wait_idle(within=1.0) < 1.0
+    long_server.wait_idle()
+    generated = long_server.health()["tokens_generated"] - before
+    assert generated < clients * 800 / 10, generated  # each stopped within a few tokens of its client leaving
     ok = httpx.post(long_server.url + "/v1/completions", json={"prompt": "First", "max_tokens": 5}, timeout=30)
     assert ok.status_code == 200
 
@@ -371,13 +385,13 @@ def test_a_full_queue_answers_429_at_once(long_lm):
             with http.stream("POST", "/v1/completions", json=body) as waiting:
                 assert waiting.status_code == 200 and s.health()["waiting"] == 1  # the only place in line
                 client = s.client()
-                start = time.time()
                 with pytest.raises(openai.RateLimitError, match="busy"):
                     client.completions.create(model="lmforge", prompt="First", max_tokens=5)
-                assert time.time() - start < 0.5
+                # at once: the 1000-token request in the slot is still decoding, the waiting one still waits
+                assert s.health()["active"] == 1 and s.health()["waiting"] == 1
                 refused = http.post("/v1/completions", json={**body, "stream": False})
                 assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-        assert s.wait_idle(within=1.0) < 1.0  # both streams were closed: the slot and the line are free again
+        s.wait_idle()  # both streams were closed: the slot and the line are free again
         assert http.post("/v1/completions", json={"prompt": "First", "max_tokens": 5}).status_code == 200
 
 
@@ -389,7 +403,7 @@ def test_a_request_over_its_time_gets_504_and_frees_its_slot(long_lm):
         with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
             events = [line for line in stream.iter_lines() if line.startswith("data: ")]
         assert "did not finish" in events[-1]  # a stream that runs out of time ends with an error event
-        assert s.wait_idle(within=1.0) < 1.0
+        s.wait_idle()
         assert s.health()["tokens_generated"] < 1000
         assert http.post("/v1/completions", json={"prompt": "First", "max_tokens": 5}).status_code == 200
 

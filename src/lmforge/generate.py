@@ -29,7 +29,6 @@ from lmforge.model.kv_cache import KVCache
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
-FINISH_REASONS = ("stop", "length", "cancelled")
 
 
 def _is_int(value) -> bool:

@@ -224,7 +224,7 @@ class GPT(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
+    def init_weights(self) -> None:
         """Initialise every parameter; called once at construction, never when weights are loaded.
 
         - Linear weights and embeddings: normal(0, 0.02), as GPT-2.
@@ -233,13 +233,12 @@ class GPT(nn.Module):
         - Biases: zero. Norm weights: one, norm biases: zero.
         - An untied lm_head: normal(0, 0.02) like the rest.
         """
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, param in self.named_parameters():
             if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
-                param.copy_(torch.randn(param.shape, generator=generator) * residual_std)
+                param.copy_(torch.randn(param.shape) * residual_std)
             elif param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+                param.copy_(torch.randn(param.shape) * 0.02)
             elif "norm" in name and name.endswith("weight"):
                 param.fill_(1.0)
             else:

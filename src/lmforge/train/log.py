@@ -11,19 +11,34 @@ from lmforge.errors import LMForgeError
 from lmforge.files import write_text_atomic
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of a run dir's metrics.jsonl in order ([] if there is none); a line cut short by a crash is
+    skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 class MetricsLog:
+    # loss.png is for a person watching the run: refreshing it at every evaluation (a tenth of a second or more of
+    # matplotlib each time) would take that time from the run; during a run it is redrawn at most this often.
+    PLOT_INTERVAL = 30.0
+
     def __init__(self, run_dir: Path, resume_step: int | None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.records: list[dict] = []
+        self.last_plot = time.monotonic()
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a crash
-                    continue
-                # Records past the checkpoint we resume from describe steps that will be redone.
-                if resume_step is not None and record.get("step", 0) <= resume_step:
-                    self.records.append(record)
+            # Records past the checkpoint we resume from describe steps that will be redone.
+            kept = [] if resume_step is None else read_metrics(run_dir)
+            self.records = [r for r in kept if r.get("step", 0) <= resume_step]
             self._rewrite()
 
     def _rewrite(self) -> None:
@@ -33,6 +48,11 @@ class MetricsLog:
         self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+    def plot_now_and_then(self) -> None:
+        """Redraw loss.png if the last drawing is PLOT_INTERVAL seconds old."""
+        if time.monotonic() - self.last_plot >= self.PLOT_INTERVAL:
+            self.plot()
 
     def plot(self, path: Path | None = None) -> Path:
         """Train and val loss against step, as loss.png, written atomically."""
@@ -53,11 +73,12 @@ class MetricsLog:
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.1, right=0.98, top=0.97, bottom=0.12)  # fixed: tight_layout costs 0.1 s
         tmp = path.with_name(".loss.tmp.png")
         fig.savefig(tmp)
         plt.close(fig)
         os.replace(tmp, path)
+        self.last_plot = time.monotonic()
         return path
 
 

@@ -57,8 +57,11 @@ class Objective:
     name = ""
     n_classes = 0  # classification: the head's output size
     epoch_size = 0  # samples per epoch, for the epoch count in metrics; 0: batches are not drawn in epochs
-    files: dict[str, str] = {}  # files the run dir holds for this objective (a chat template, the labels)
-    notes: list[str] = []  # what reading the data changed (truncated or skipped records), printed at the start
+
+    def __init__(self, config: RunConfig, plan: BatchPlan):
+        self.config, self.plan = config, plan
+        self.files: dict[str, str] = {}  # files the run dir holds for this objective (a chat template, the labels)
+        self.notes: list[str] = []  # what reading the data changed (truncated or skipped records), printed at start
 
     def train_batch(self, step: int, part: int) -> Batch:
         """Part `part` of global batch number `step`, a pure function of (seed, step, part).
@@ -82,8 +85,8 @@ class LanguageModeling(Objective):
     """clm: next-token prediction; mlm: BERT-style masked tokens (an encoder). Batches are data dir windows."""
 
     def __init__(self, config: RunConfig, tokenizer: Tokenizer, plan: BatchPlan):
+        super().__init__(config, plan)
         self.name = config.train.objective
-        self.config, self.plan = config, plan
         self.data = DataDir(config.data)
         self.data.check_context(config.model.seq_len)
         if config.train.order == "epoch":
@@ -140,7 +143,7 @@ class SupervisedFinetuning(Objective):
     def __init__(self, config: RunConfig, tokenizer: Tokenizer, plan: BatchPlan):
         if not config.model.causal:
             raise LMForgeError("train.objective=sft generates text, which needs a causal model (model.causal true)")
-        self.config, self.plan = config, plan
+        super().__init__(config, plan)
         data = sft.load_sft(config.finetune, tokenizer, config.model.seq_len, config.train.seed)
         self.recipe, self.train_set, self.val_set, self.notes = data.recipe, data.train, data.val, data.notes
         self.pad_id = tokenizer.hf.token_to_id("<|pad|>")
@@ -177,7 +180,7 @@ class Classification(Objective):
     name = "classify"
 
     def __init__(self, config: RunConfig, tokenizer: Tokenizer, plan: BatchPlan):
-        self.config, self.plan = config, plan
+        super().__init__(config, plan)
         ft = config.finetune
         data = classify.load_classify(ft, tokenizer, config.model.seq_len, config.train.seed)
         self.labels, self.train_set, self.val_set, self.notes = data.labels, data.train, data.val, data.notes

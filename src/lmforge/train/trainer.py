@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -112,6 +113,17 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return flatten(data)
 
 
+@contextlib.contextmanager
+def torch_settings_restored():
+    """A run sets torch's thread count and deterministic mode for itself; the calling process gets its own back."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
 def setup_precision(precision: str, device: torch.device) -> tuple[str, Any, Any]:
     """(resolved precision, autocast context, GradScaler or None)."""
     if precision == "auto":
@@ -149,7 +161,8 @@ def train(
         echo(f"depth {depth}: " + " ".join(f"{k.split('.')[-1]}={config_value(config, k)}" for k in derived))
     info, device = dist.setup(config.train.device)
     try:
-        return _train(out, config, resuming, info, device, progress_bar, echo)
+        with torch_settings_restored():
+            return _train(out, config, resuming, info, device, progress_bar, echo)
     finally:
         dist.teardown(info)
 
@@ -190,7 +203,8 @@ def finetune(
     config, resuming = resolve_finetune_config(base, data, out, task, config_file, dict(overrides or {}))
     info, device = dist.setup(config.train.device)
     try:
-        return _train(out, config, resuming, info, device, progress_bar, echo)
+        with torch_settings_restored():
+            return _train(out, config, resuming, info, device, progress_bar, echo)
     finally:
         dist.teardown(info)
 
@@ -352,8 +366,8 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
     position = state.get("data_position", step)  # batches drawn: step plus the batches skipped
     tokens_seen = state.get("tokens", 0)
     elapsed_before = state.get("elapsed", 0.0)
-    best_val, best_step = state.get("best_val_loss"), state.get("best_step")
-    bad_evals = state.get("bad_evals", 0)
+    early = EarlyStopping(es.patience, es.min_delta, state.get("best_val_loss"), state.get("best_step"),
+                          state.get("bad_evals", 0))  # fmt: skip
     skipped = state.get("skipped_batches", 0)
     recent_losses = collections.deque(state.get("recent_losses", []), maxlen=tc.spike_window)  # the spike guard's
     loss_value, val = state.get("train_loss", float("nan")), state.get("val", {})
@@ -404,9 +418,9 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
         run_state = {
             "tokens": tokens_seen,
             "elapsed": elapsed,
-            "best_val_loss": best_val,
-            "best_step": best_step,
-            "bad_evals": bad_evals,
+            "best_val_loss": early.best_val,
+            "best_step": early.best_step,
+            "bad_evals": early.bad_evals,
             "data_position": position,
             "skipped_batches": skipped,
             "recent_losses": list(recent_losses),
@@ -416,7 +430,7 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
             "config_sha256": config_hash,
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
-        protect = (best_step,) if best_step is not None and es.patience else ()
+        protect = (early.best_step,) if early.best_step is not None and es.patience else ()
         published = None if plain else merged_state_dict(model)
         return checkpoint.save(out, step, module, optimizers, run_state, tc.keep_last, protect, published)
 
@@ -443,8 +457,9 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
     interrupted, ctrl_c = False, CtrlC()
     try:
         finished = is_done(step, elapsed)
-        if es.patience and bad_evals >= es.patience:  # a run that stopped early, resumed with the same patience
-            finished, stop_reason = True, f"early stopping: best val loss {best_val:.4f} at step {best_step}"
+        if early.stopped:  # a run that stopped early, resumed with the same patience
+            finished = True
+            stop_reason = f"early stopping: best val loss {early.best_val:.4f} at step {early.best_step}"
         while not finished:  # one all-reduce per step decides it for every rank
             lr = lr_at(oc, step, progress(step, elapsed, tc.max_steps, tc.time))
             for optimizer in optimizers:
@@ -527,26 +542,23 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
             if step % tc.eval_every == 0 or (finished and not interrupted):
                 val = objective.evaluate(module, device, autocast)
                 if val:
-                    improved = best_val is None or val["val_loss"] < best_val - es.min_delta
-                    if improved:
-                        best_val, best_step, bad_evals = val["val_loss"], step, 0
-                    else:
-                        bad_evals += 1
-                    log({"step": step, **val, "gap": round(val["val_loss"] - loss_value, 5), "best_val_loss": best_val})
+                    improved = early.update(val["val_loss"], step)
+                    log({"step": step, **val, "gap": round(val["val_loss"] - loss_value, 5),
+                         "best_val_loss": early.best_val})  # fmt: skip
                     accuracy = f", val accuracy {val['val_accuracy']:.3f}" if "val_accuracy" in val else ""
                     say(f"step {step}: train loss {loss_value:.4f}, val loss {val['val_loss']:.4f}{accuracy}")
                     if es.patience and improved and step % tc.save_every:
                         save()  # keep the best weights on disk
                         last_saved = step
-                    if es.patience and bad_evals >= es.patience:
+                    if early.stopped:
                         stop_reason = (
                             f"early stopping: val loss did not improve by more than {es.min_delta:g} in "
-                            f"{bad_evals} evaluations; best {best_val:.4f} at step {best_step}"
+                            f"{early.bad_evals} evaluations; best {early.best_val:.4f} at step {early.best_step}"
                         )
                         say(stop_reason)
                         break
                 if info.is_main:
-                    metrics.plot()
+                    metrics.plot_now_and_then()
             if step % tc.save_every == 0:
                 save()
                 last_saved = step
@@ -573,8 +585,8 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
         "tokens": tokens_seen,
         "train_loss": loss_value,
         "val_loss": val.get("val_loss"),
-        "best_val_loss": best_val,
-        "best_step": best_step,
+        "best_val_loss": early.best_val,
+        "best_step": early.best_step,
         "stop_reason": stop_reason,
         "elapsed": elapsed,
         "tokens_per_s": (tokens_seen - state.get("tokens", 0)) / max(run_time, 1e-9),
@@ -583,6 +595,34 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
         "params": n_params,
         "rank": info.rank,
     }
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Early stopping on the validation loss, as the loop and state.json keep it.
+
+    An evaluation improves when its loss is below the best so far by more than min_delta (the first always does);
+    the run stops after `patience` evaluations in a row that do not improve. patience 0 never stops.
+    """
+
+    patience: int
+    min_delta: float = 0.0
+    best_val: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the best one
+
+    def update(self, val_loss: float, step: int) -> bool:
+        """Count the evaluation at step; return whether it improved (and is now the best)."""
+        improved = self.best_val is None or val_loss < self.best_val - self.min_delta
+        if improved:
+            self.best_val, self.best_step, self.bad_evals = val_loss, step, 0
+        else:
+            self.bad_evals += 1
+        return improved
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.patience) and self.bad_evals >= self.patience
 
 
 class CtrlC:
