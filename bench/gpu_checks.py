@@ -29,8 +29,8 @@ from pathlib import Path
 # torch (and torch.nn.functional as F) are imported by main(), except for collect and losses-match: gpu.sh runs
 # collect after every step, and importing torch would cost it a second or two each time.
 
-# MFU is reported against two peaks, each named with its value: the trainer's (lmforge.train.log.peak_flops: the
-# datasheet figure of the GPU at hand from ACCELERATOR_PEAKS, or on a CPU its probe), and the bf16 matmul rate
+# MFU is reported against two peaks, each named with its value: the trainer's (lmforge.hardware.speed: the
+# datasheet figure of the GPU at hand from ACCELERATOR_PEAKS, or on a CPU its cached probe), and the bf16 matmul rate
 # this run's checks measured on the same device (bf16_matmul_peak), which no datasheet figure is.
 
 
@@ -100,7 +100,7 @@ def max_err(got: list[torch.Tensor], ref: list[torch.Tensor]) -> list[float]:
 
 
 def environment(device: torch.device) -> dict:
-    from lmforge.train.log import peak_flops
+    from lmforge.hardware import speed
 
     env = {
         "python": platform.python_version(),
@@ -133,16 +133,16 @@ def environment(device: torch.device) -> dict:
         )
     else:
         env.update(device_name=platform.processor() or platform.machine(), bf16_supported=True)
-    env["trainer_peak_flops"] = peak_flops(device)  # what the trainer divides by for MFU (0: unknown device)
+    env["trainer_peak_flops"] = speed(device).peak("bf16")  # what the trainer divides by for bf16 MFU (0: unknown)
     return env
 
 
 def check_bf16_peak(device: torch.device, smoke: bool):
-    from lmforge.train.log import peak_flops
+    from lmforge.hardware import speed
 
     rate = matmul_rate(device, torch.bfloat16, 256 if smoke else 8192, 0.2 if smoke else 1.0)
     detail = f"{tflops(rate)} bf16 matmul ({256 if smoke else 8192}^3)"
-    trainer_peak = peak_flops(device)
+    trainer_peak = speed(device).peak("bf16")
     if trainer_peak:
         detail += f" = {rate / trainer_peak:.0%} of the trainer's peak ({tflops(trainer_peak)})"
     return "INFO", detail, {"bf16_matmul_flops": rate, "trainer_peak_flops": trainer_peak}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,19 @@ TEXT = (
     "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
     "Ünïcödé line: café, naïve, 東京, emoji 🙂 and a tab\there.\n"
 ) * 40
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hardware_cache(tmp_path_factory):
+    """The hardware probe's cache (lmforge.hardware) in a folder of this session's, not the user's ~/.cache: the
+    first run of the session probes, the rest (and their subprocesses) read its result."""
+    before = os.environ.get("LMFORGE_CACHE")
+    os.environ["LMFORGE_CACHE"] = str(tmp_path_factory.mktemp("hardware-cache"))
+    yield Path(os.environ["LMFORGE_CACHE"])
+    if before is None:
+        del os.environ["LMFORGE_CACHE"]
+    else:
+        os.environ["LMFORGE_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

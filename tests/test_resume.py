@@ -21,7 +21,7 @@ from lmforge.config import RunConfig
 from lmforge.data.loader import DataDir
 from lmforge.data.prepare import prepare
 from lmforge.errors import LMForgeError
-from lmforge.train import checkpoint, log, objectives, trainer
+from lmforge.train import checkpoint, objectives, trainer
 from lmforge.train.trainer import train
 
 # dropout makes every step draw from torch's RNG, so a resume with a wrong RNG state shows in the losses
@@ -116,7 +116,7 @@ def test_the_first_resumed_batch_sees_the_straight_runs_state(tmp_path, straight
     """Item 3: batch k, LR, optimizer moments, weights and RNG states are equal before the first resumed update."""
     run, result, states = straight
     resumed_dir = rewind(run, tmp_path / "run", 6)
-    monkeypatch.setattr(log, "_cpu_peak", None)  # as in a fresh process: the CPU FLOP/s probe runs again
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))  # an empty cache: the hardware probe runs again
     random.seed(99)  # a new process's RNGs are wherever they are
     np.random.seed(99)
     torch.manual_seed(99)

@@ -75,6 +75,7 @@ class TrainConfig:
     batch_tokens: int = 0  # if set, the batch in tokens: batch_size = batch_tokens // model.seq_len
     micro_batch_size: int = 0  # sequences per forward pass per process; 0 means as large as the batch allows
     eval_every: int = 250
+    eval_interval: float = 0.0  # if set: evaluate every this many seconds of training, not every eval_every steps
     eval_batches: int = 20  # val batches per evaluation; 0 means the whole val split
     save_every: int = 500
     keep_last: int = 2  # checkpoints kept (the newest N)
@@ -82,7 +83,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 (autocast), fp16 (autocast + scaler, CUDA)
+    precision: str = "auto"  # auto (bf16 where measured faster: CUDA, AMX CPUs), fp32, bf16, fp16 (CUDA + scaler)
     compile: bool = False  # torch.compile the model
     objective: str = "clm"  # clm: next-token prediction; mlm: masked tokens (encoders); sft, classify: fine-tuning
     mlm_probability: float = 0.15
@@ -119,8 +120,8 @@ class TrainConfig:
                 "train.spike_factor must be 0 (off) or above 1, like 3, and train.spike_window at least 1; "
                 f"not {self.spike_factor} and {self.spike_window}"
             )
-        if self.max_steps < 0 or self.time < 0:
-            raise LMForgeError("train.max_steps and train.time must not be negative")
+        if self.max_steps < 0 or self.time < 0 or self.eval_interval < 0:
+            raise LMForgeError("train.max_steps, train.time and train.eval_interval must not be negative")
         if self.batch_size < 1:
             raise LMForgeError(f"train.batch_size must be at least 1, not {self.batch_size}")
         if self.eval_every < 1 or self.save_every < 1 or self.log_every < 1 or self.keep_last < 1:

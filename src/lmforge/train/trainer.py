@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lmforge import presets
+from lmforge import hardware, presets
 from lmforge.config import BatchPlan, RunConfig, apply_overrides, conflicts, flatten
 from lmforge.data.loader import DataDir
 from lmforge.data.tokenizer import Tokenizer
@@ -45,7 +45,7 @@ from lmforge.files import sha256_file, write_text_atomic
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import has_lora, merged_state_dict
 from lmforge.train import checkpoint, dist, objectives
-from lmforge.train.log import Loggers, MetricsLog, peak_flops
+from lmforge.train.log import Loggers, MetricsLog
 from lmforge.train.optim import build_optimizers, l1_penalty
 from lmforge.train.schedule import lr_at, progress
 
@@ -127,7 +127,7 @@ def torch_settings_restored():
 def setup_precision(precision: str, device: torch.device) -> tuple[str, Any, Any]:
     """(resolved precision, autocast context, GradScaler or None)."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = hardware.auto_precision(device)
     if precision == "fp16" and device.type != "cuda":
         raise LMForgeError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on this device")
     if device.type == "cuda":
@@ -322,7 +322,7 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     precision, autocast, scaler = setup_precision(tc.precision, device)
-    peak = peak_flops(device) * info.world_size  # before seeding: the CPU probe draws random numbers
+    peak = hardware.speed(device).peak(precision) * info.world_size  # MFU's: of the precision in use
 
     torch.manual_seed(tc.seed)
     model = GPT(mc).to(device)
@@ -403,10 +403,11 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
     config_hash = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
 
     def is_done(step: int, elapsed: float) -> bool:
-        nonlocal interrupted
+        nonlocal interrupted, eval_due
         done = bool((tc.max_steps and step >= tc.max_steps) or (tc.time and elapsed >= tc.time))
-        # ranks' clocks differ, and a Ctrl-C may reach one rank first: stop together
-        done, interrupted = dist.all_agree_each([done, ctrl_c.pressed], info, device)
+        due = step % tc.eval_every == 0 if not tc.eval_interval else elapsed >= next_eval
+        # ranks' clocks differ, and a Ctrl-C may reach one rank first: stop (and evaluate) together
+        done, interrupted, eval_due = dist.all_agree_each([done, ctrl_c.pressed, due], info, device)
         return done or interrupted
 
     def is_spike(loss: float) -> bool:
@@ -450,8 +451,11 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
     say = bar.write if not bar.disable else (echo if info.is_main else lambda *_: None)
     train_model.train()
     started = time.time()
+    clock = TrainingClock(elapsed_before)
     elapsed = elapsed_before
-    window_tokens, window_start = 0, time.time()
+    next_eval = (math.floor(elapsed / tc.eval_interval) + 1) * tc.eval_interval if tc.eval_interval else 0.0
+    eval_due = False
+    window_tokens, window_start = 0, elapsed
     bad_steps, stop_reason = 0, "reached max_steps or the time budget"
     last_saved = step if state else None
     interrupted, ctrl_c = False, CtrlC()
@@ -524,12 +528,12 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
             recent_losses.append(loss_value)
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
-            elapsed = elapsed_before + time.time() - started
+            elapsed = clock.now()
             finished = is_done(step, elapsed)
 
             if step % tc.log_every == 0 or finished:
-                rate = window_tokens / max(1e-9, time.time() - window_start)
-                window_tokens, window_start = 0, time.time()
+                rate = window_tokens / max(1e-9, elapsed - window_start)
+                window_tokens, window_start = 0, elapsed
                 mfu = rate * flops_per_token / peak if peak else 0.0
                 epochs = position * plan.batch_size / max(objective.epoch_size, 1)  # passes over the data, if any
                 epoch = {"epoch": round(epochs, 4)} if objective.epoch_size else {}
@@ -539,8 +543,11 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
                      "elapsed": round(elapsed, 2), **epoch}
                 )  # fmt: skip
                 bar.set_postfix_str(f"step {step} loss {loss_value:.4f} {rate:,.0f} tok/s MFU {mfu:.1%}", refresh=False)
-            if step % tc.eval_every == 0 or (finished and not interrupted):
-                val = objective.evaluate(module, device, autocast)
+            if eval_due or (finished and not interrupted):
+                with clock.pause():  # evaluating is not training: it takes nothing from the budget
+                    val = objective.evaluate(module, device, autocast)
+                if tc.eval_interval:
+                    next_eval = (math.floor(elapsed / tc.eval_interval) + 1) * tc.eval_interval
                 if val:
                     improved = early.update(val["val_loss"], step)
                     log({"step": step, **val, "gap": round(val["val_loss"] - loss_value, 5),
@@ -548,7 +555,8 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
                     accuracy = f", val accuracy {val['val_accuracy']:.3f}" if "val_accuracy" in val else ""
                     say(f"step {step}: train loss {loss_value:.4f}, val loss {val['val_loss']:.4f}{accuracy}")
                     if es.patience and improved and step % tc.save_every:
-                        save()  # keep the best weights on disk
+                        with clock.pause():
+                            save()  # keep the best weights on disk
                         last_saved = step
                     if early.stopped:
                         stop_reason = (
@@ -558,9 +566,11 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
                         say(stop_reason)
                         break
                 if info.is_main:
-                    metrics.plot_now_and_then()
+                    with clock.pause():
+                        metrics.plot_now_and_then()
             if step % tc.save_every == 0:
-                save()
+                with clock.pause():
+                    save()
                 last_saved = step
             bar.update(1 if tc.max_steps else max(0, min(int(elapsed), bar_total) - bar.n))
     except KeyboardInterrupt:  # a second Ctrl-C, mid-step: no checkpoint of a half-done step; the last one stays
@@ -595,6 +605,26 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
         "params": n_params,
         "rank": info.rank,
     }
+
+
+class TrainingClock:
+    """Seconds of training: wall-clock time since the loop started, less the pauses for evaluation, checkpoints
+    and plots, plus the training time of the run before a resume. The time budget (train.time), the schedule's
+    progress, evaluation intervals and tokens/s all read it, so those pauses take nothing from the budget."""
+
+    def __init__(self, before: float = 0.0):
+        self.before, self.started, self.paused = before, time.monotonic(), 0.0
+
+    def now(self) -> float:
+        return self.before + time.monotonic() - self.started - self.paused
+
+    @contextlib.contextmanager
+    def pause(self):
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.paused += time.monotonic() - began
 
 
 @dataclasses.dataclass
