@@ -8,10 +8,10 @@ in the process that trains it: `PATCHES`). A run trains for --budget seconds and
 split, which is not part of the budget. Two modes:
 
 - time: a real `--time` run, one at a time: the machine must be quiet while it runs.
-- steps: each variant's steps/s is measured once (a --calibrate seconds run, 2 threads, one at a time), and its
-  runs train for budget x steps/s steps, the schedule following the steps. A run's loss then depends on the steps
-  only, not on the machine's load while it trains, so --jobs runs go at once (one core and one thread each) and
-  other work may share the machine; only the calibration needs a quiet one.
+- steps: each variant's steps/s is measured once (a --calibrate seconds run, all threads, its faster 10-step
+  windows), and its runs train for budget x steps/s steps, the schedule following the steps. A run's loss then
+  depends on the steps only, not on the machine's load while it trains, so --jobs runs go at once (one core and
+  one thread each) and other work may share the machine; the calibration is best on a quiet one.
 
 Results go to --out/results.jsonl as they come (a rerun skips what is there) and a table is printed at the end:
 per variant the mean held-out loss, its spread, steps and tokens/s, and the difference to --base.
@@ -30,9 +30,29 @@ import time
 from pathlib import Path
 
 # A variant: "name" -> overrides. A name of "+a+b" (or "classic+a+b") stacks known variants on the base recipe.
+# "default" is the time-budget rule's choice for --budget on this machine (presets.for_time_budget), so
+# "default+adamw" tries one change against the new default as "+muon" does against the classic recipe.
 CLASSIC = {"preset": "demo"}  # nanoGPT's CPU recipe: 4 x 128, context 64, batch 12, AdamW 1e-3, cosine
 VARIANTS: dict[str, dict] = {
     "classic": {},
+    "default": {},  # default_recipe()
+    # against the default: its optimizer, schedule, shape and batch
+    "adamw": {"optim.name": "adamw"},
+    "adamw3e-3": {"optim.name": "adamw", "optim.lr": 3e-3},
+    "cosine": {"optim.schedule": "cosine", "optim.min_lr_ratio": 0.1},
+    "depth1": {"model.n_layer": 1, "model.n_embd": 64, "model.n_head": 1},
+    "depth3": {"model.n_layer": 3, "model.n_embd": 192, "model.n_head": 3},
+    "depth4": {"model.n_layer": 4, "model.n_embd": 256, "model.n_head": 4},
+    "b8": {"train.batch_size": 8},
+    "b16": {"train.batch_size": 16},
+    "b32": {"train.batch_size": 32},
+    "b64": {"train.batch_size": 64},
+    "b128": {"train.batch_size": 128},
+    "seq128": {"model.seq_len": 128},
+    "heads4": {"model.n_head": 4},
+    "muon2e-3": {"optim.name": "muon", "optim.lr": 2e-3},
+    "muon5e-3": {"optim.name": "muon", "optim.lr": 5e-3},
+    "muon2e-2": {"optim.name": "muon", "optim.lr": 2e-2},
     # optimizer, learning rate, schedule, warmup
     "lr2e-3": {"optim.lr": 2e-3},
     "lr3e-3": {"optim.lr": 3e-3},
@@ -115,7 +135,22 @@ def patch_softcap(cap: float = 15.0) -> None:
 PATCHES = {"zeroinit": patch_zeroinit, "softcap": patch_softcap}
 
 
-def resolve(name: str, base: str) -> tuple[dict, list[str]]:
+def default_recipe(data: Path, budget: float) -> dict:
+    """What `lmforge train --time BUDGET` would choose on this machine for this data dir, as overrides."""
+    import torch
+
+    from lmforge import hardware, presets
+    from lmforge.data.tokenizer import Tokenizer
+
+    cpu = torch.device("cpu")
+    precision = hardware.auto_precision(cpu)
+    vocab_size = Tokenizer.load(Path(data) / "tokenizer.json").vocab_size
+    rule, _ = presets.for_time_budget(budget, hardware.speed(cpu).peak(precision), "cpu", vocab_size,
+                                      hardware.memory_bytes(cpu), precision)  # fmt: skip
+    return {**rule, "train.eval_interval": 0.0}
+
+
+def resolve(name: str, base: str, data: Path | None = None, budget: float = 0.0) -> tuple[dict, list[str]]:
     """(overrides, patches) of a variant name; "+a+b" stacks a and b on the base, "x+a" on variant x."""
     parts = [p for p in name.split("+")]
     first = parts[0] or base
@@ -123,7 +158,7 @@ def resolve(name: str, base: str) -> tuple[dict, list[str]]:
     for part in [first, *parts[1:]]:
         if part not in VARIANTS:
             raise SystemExit(f"unknown variant {part!r}; known: {', '.join(VARIANTS)}")
-        overrides.update(VARIANTS[part])
+        overrides.update(default_recipe(data, budget) if part == "default" else VARIANTS[part])
         patches += [part] if part in PATCHES else []
     return overrides, patches
 
@@ -150,7 +185,7 @@ def run_one(args) -> None:
 
     if args.core is not None:
         os.sched_setaffinity(0, {args.core})
-    overrides, patches = resolve(args.variant, args.base)
+    overrides, patches = resolve(args.variant, args.base, args.data, args.budget)
     for name in patches:
         PATCHES[name]()
     preset = overrides.pop("preset", CLASSIC["preset"])
@@ -168,10 +203,13 @@ def run_one(args) -> None:
     wall = time.time() - began
     lm = LM.load(run)
     full = evaluate(lm.model, DataDir(args.data).eval_batches(lm.config.model.seq_len, 64), torch.device("cpu"))
-    # steps/s after the first quarter of the run: the first steps warm allocators and kernels up
-    logged = [(r["elapsed"], r["step"]) for r in read_metrics(run) if "elapsed" in r]
+    # steps/s after the first quarter of the run (the first steps warm allocators and kernels up), from the faster
+    # quarter of its 10-step windows: another process on the machine only ever slows a window down, and with
+    # OpenMP threads waiting at barriers for a descheduled one, it slows some windows many times over
+    logged = [(r["elapsed"], r["step"]) for r in read_metrics(run) if "elapsed" in r and "loss" in r]
     warm = [(t, s) for t, s in logged if t >= logged[-1][0] / 4] or logged
-    rate = (warm[-1][1] - warm[0][1]) / max(warm[-1][0] - warm[0][0], 1e-9) if len(warm) > 1 else 0.0
+    per_step = sorted((t1 - t0) / (s1 - s0) for (t0, s0), (t1, s1) in zip(warm, warm[1:]) if s1 > s0)
+    rate = 1 / max(statistics.quantiles(per_step, n=4)[0], 1e-9) if len(per_step) >= 4 else 0.0
     record = {"variant": args.variant, "seed": args.seed, "steps": result["step"], "tokens": result["tokens"],
               "train_seconds": round(result["elapsed"], 2), "wall_seconds": round(wall, 2), "steps_per_s": rate,
               "params": result["params"], "val_loss": round(full["val_loss"], 5),
@@ -182,6 +220,7 @@ def run_one(args) -> None:
 def child(args, variant: str, seed: int, *, steps: int = 0, seconds: float = 0.0, core=None, threads=0):
     command = [sys.executable, __file__, "one", "--data", str(args.data), "--work", str(args.work), "--variant",
                variant, "--seed", str(seed), "--base", args.base, "--steps", str(steps), "--seconds", str(seconds),
+               "--budget", str(args.budget),
                "--threads", str(threads)] + (["--core", str(core)] if core is not None else [])  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -273,6 +312,7 @@ def one() -> None:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=0.0)
+    parser.add_argument("--budget", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--core", type=int)
     args = parser.parse_args(sys.argv[2:])

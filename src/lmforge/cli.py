@@ -107,7 +107,12 @@ def add_train(sub) -> None:
     )
     p.add_argument("--data", help="data dir made by lmforge prepare (required for a new run)")
     p.add_argument("--out", required=True, help="run dir: config, checkpoints, metrics.jsonl, loss.png")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="starting config (default: demo)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="starting config (default: with --time and no --max-steps, a model and recipe sized for the budget "
+        "on this machine, said at the start; else demo)",
+    )
     p.add_argument("--config", help="JSON config file of {section: {field: value}} applied over the preset")
     p.add_argument("--depth", type=int, help="one size dial: layers; width, heads, lr, batch and steps follow")
     p.add_argument("--objective", choices=["clm", "mlm"], help="same as --train.objective")
@@ -187,8 +192,8 @@ def add_demo(sub) -> None:
         "demo",
         help="prepare the built-in corpus, train a small model, show samples",
         description=(
-            "Prepare the built-in pydocs corpus at character level, train the demo model for --minutes on this "
-            "machine, and print samples of the untrained and trained model side by side."
+            "Prepare the built-in pydocs corpus at character level, train the model that --minutes buys on this "
+            "machine (lmforge train --time), and print samples of the untrained and trained model side by side."
         ),
     )
     p.add_argument("--minutes", type=float, default=2.0, help="training time (default: 2)")
@@ -624,10 +629,8 @@ def cmd_demo(args) -> None:
         print("preparing the built-in corpus (the Python reference docs, character level)")
         print(summary(prepare(["pydocs"], data, tokenizer="char", progress=not args.quiet), data))
     run = out / time.strftime("run-%Y%m%d-%H%M%S")
-    print(f"training the demo model for {args.minutes:g} minute(s) into {run}")
-    result = train(
-        str(data), run, preset="demo", overrides={"train.time": args.minutes * 60}, progress_bar=not args.quiet
-    )
+    print(f"training for {args.minutes:g} minute(s) into {run}, sized for the budget and this machine")
+    result = train(str(data), run, overrides={"train.time": args.minutes * 60}, progress_bar=not args.quiet)
     trained = LM.load(run)
     untrained = LM.untrained(RunConfig.load(run / "config.json"), trained.tokenizer)
     prompt = "The "

@@ -120,15 +120,17 @@ def _read_cache() -> dict:
 
 
 def speed(device) -> Speed:
-    """The device's matmul FLOP/s in fp32 and bf16: the datasheet on CUDA, else the cached or a new probe."""
+    """The device's matmul FLOP/s in fp32 and bf16: the datasheet of a known CUDA device, else the cached or a new
+    probe."""
     import torch
 
     key = device_key(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         bf16 = next((peak for known, peak in ACCELERATOR_PEAKS.items() if known in name), 0.0)
-        return Speed(key, fp32=bf16 / 2 if bf16 else 0.0, bf16=bf16)  # TF32 tensor cores: half the bf16 rate
-    if device.type != "cpu":
+        if bf16:
+            return Speed(key, fp32=bf16 / 2, bf16=bf16)  # TF32 tensor cores: half the bf16 rate
+    elif device.type != "cpu":
         return Speed(key, 0.0, 0.0)
     cached = _read_cache().get(key)
     if isinstance(cached, dict) and cached.get("fp32", 0) > 0 and cached.get("bf16", 0) > 0:
@@ -158,3 +160,15 @@ def auto_precision(device) -> str:
     if device.type != "cpu":
         return "fp32"
     return "bf16" if speed(device).bf16_faster else "fp32"
+
+
+def memory_bytes(device) -> int:
+    """The device's memory in bytes: a GPU's own, else the machine's RAM (0 where it cannot be read)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0

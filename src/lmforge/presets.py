@@ -7,7 +7,8 @@ speedrun benchmark train on a CPU; `small` is the classic 6-layer character-leve
 with a 32k vocabulary, tied embeddings), and `bert` a BERT-base-style encoder trained with masked tokens.
 
 `from_depth(d)` is the one size dial (after nanochat's `--depth`): width, heads, learning rate, batch and
-horizon all follow from the number of layers.
+horizon all follow from the number of layers. `for_time_budget(seconds, ...)` turns that dial for a wall-clock
+budget on the machine at hand: `lmforge train --time 2m` with no preset or size flags.
 """
 
 from __future__ import annotations
@@ -212,3 +213,111 @@ def get(name: str) -> dict:
     if name not in PRESETS:
         raise LMForgeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return {"preset": name, **PRESETS[name]()}
+
+
+BUDGET = "budget"  # the preset name of a run sized by for_time_budget
+
+# The time-budget rule (for_time_budget). Each constant is fitted on the measurements in docs/benchmarks.md
+# ("The time-budget recipe"); change them together with that section.
+BUDGET_UTILIZATION = {"cpu": 0.2, "cuda": 0.4}  # the share of the probed matmul peak a step reaches at these sizes
+BUDGET_TOKENS_PER_PARAM = 20.0  # training tokens per non-embedding parameter the depth is chosen for
+BUDGET_STEPS = 3000  # the batch is chosen so the budget takes about this many steps
+BUDGET_MAX_DEPTH = 48
+BUDGET_MEMORY_SHARE = 0.5  # of the machine's memory, for weights, optimizer state and activations
+
+
+def budget_shape(depth: int, vocab_size: int) -> dict:
+    """The model for_time_budget trains at a depth: from_depth's width (64 per layer, heads of 64), GPT-2's
+    layout, and a context of 32 tokens per layer (a power of two in 64..1024)."""
+    seq_len = 2 ** min(10, max(6, round(math.log2(32 * depth))))
+    return {
+        "model.n_layer": depth,
+        "model.n_embd": HEAD_SIZE * depth,
+        "model.n_head": depth,
+        "model.seq_len": seq_len,
+        "model.vocab_size": vocab_size,
+    }
+
+
+def for_time_budget(
+    seconds: float,
+    peak_flops: float,
+    device_type: str = "cpu",
+    vocab_size: int = 256,
+    memory_bytes: int = 0,
+    precision: str = "fp32",
+    muon: bool = True,
+) -> tuple[dict, list[str]]:
+    """(dotted overrides, the reasons in words) for the model and recipe that a budget of `seconds` trains best
+    on a device whose matmuls reach `peak_flops` in the precision in use.
+
+    The rule: the budget buys seconds x peak x utilization FLOPs (BUDGET_UTILIZATION of the probed peak, measured
+    at these sizes); at each depth (budget_shape) that is a number of tokens, and the depth chosen is the one whose
+    tokens per non-embedding parameter come nearest BUDGET_TOKENS_PER_PARAM (in log scale, so a bigger budget or a
+    faster machine never picks a smaller model). The batch is the power of two of tokens that spends the budget in
+    about BUDGET_STEPS steps; the model, its optimizer state and a micro-batch's activations must fit in
+    BUDGET_MEMORY_SHARE of memory_bytes (if given), else the micro-batch halves, then the depth falls. The
+    optimizer is Muon (lr 5e-3) for the hidden matrices with AdamW for the rest, or AdamW (lr from_depth's)
+    where muon is False (FSDP); warmup-stable-decay; an evaluation every tenth of the budget.
+    """
+    from lmforge.info import model_info
+    from lmforge.model.config import ModelConfig
+
+    if not seconds > 0 or not peak_flops > 0:
+        raise LMForgeError(f"a time budget needs a positive time and speed, not {seconds} s at {peak_flops} FLOP/s")
+    compute = seconds * peak_flops * BUDGET_UTILIZATION.get(device_type, BUDGET_UTILIZATION["cpu"])
+    dtype = "fp32" if precision == "fp32" else "bf16"
+
+    def info(depth: int, batch: int = 1):
+        shape = budget_shape(depth, vocab_size)
+        config = ModelConfig(**{k.split(".")[1]: v for k, v in shape.items()})
+        return model_info(config, batch_size=batch, dtype=dtype)
+
+    def miss(depth: int) -> float:
+        sized = info(depth)
+        tokens = compute / sized.train_flops_per_token
+        return abs(math.log(tokens / (BUDGET_TOKENS_PER_PARAM * sized.non_embedding_params)))
+
+    depth = min(range(1, BUDGET_MAX_DEPTH + 1), key=miss)
+    while True:
+        sized = info(depth)
+        tokens = compute / sized.train_flops_per_token
+        seq_len = sized.config.seq_len
+        batch_tokens = 2 ** min(19, max(round(math.log2(seq_len)) + 2, round(math.log2(tokens / BUDGET_STEPS))))
+        batch = max(1, batch_tokens // seq_len)
+        micro = batch
+        while memory_bytes and micro > 1 and info(depth, micro).train_bytes > BUDGET_MEMORY_SHARE * memory_bytes:
+            micro //= 2
+        if not memory_bytes or info(depth, micro).train_bytes <= BUDGET_MEMORY_SHARE * memory_bytes or depth == 1:
+            break
+        depth -= 1
+    steps = max(1, round(tokens / (batch * seq_len)))
+    overrides = {
+        **budget_shape(depth, vocab_size),
+        "train.batch_size": batch,
+        "train.batch_tokens": 0,
+        "train.micro_batch_size": micro if micro < batch else 0,
+        "train.eval_interval": float(f"{seconds / 10:.3g}"),
+        "optim.name": "muon" if muon else "adamw",
+        "optim.lr": 5e-3 if muon else float(f"{6e-4 * math.sqrt(768 / (HEAD_SIZE * depth)):.3g}"),
+        "optim.schedule": "wsd",
+        "optim.decay_fraction": 0.4,
+        "optim.min_lr_ratio": 0.0,
+        "optim.warmup_steps": max(10, min(200, steps // 50)),
+    }
+    del overrides["model.vocab_size"]
+    reasons = [
+        f"a {seconds:g} s budget at {peak_flops / 1e12:.3g} TFLOP/s ({precision} matmul peak on {device_type}) "
+        f"x {BUDGET_UTILIZATION.get(device_type, BUDGET_UTILIZATION['cpu']):g} utilization = {compute / 1e12:.3g} "
+        "TFLOP to spend",
+        f"depth {depth}: {depth} layers x {HEAD_SIZE * depth} wide, {depth} head(s) of {HEAD_SIZE}, context "
+        f"{seq_len}, GPT-2 layout; {sized.non_embedding_params / 1e6:.3g}M non-embedding parameters, "
+        f"{sized.params / 1e6:.3g}M in all, {sized.train_flops_per_token / 1e6:.3g} MFLOP per token",
+        f"expected {tokens / 1e6:.3g}M tokens ({tokens / sized.non_embedding_params:.3g} per non-embedding "
+        f"parameter; the rule aims at {BUDGET_TOKENS_PER_PARAM:g}) in about {steps:,} steps of {batch} x {seq_len} "
+        "tokens" + (f" in micro-batches of {micro} (memory)" if micro < batch else ""),
+        f"optimizer {overrides['optim.name']} lr {overrides['optim.lr']:g}, warmup {overrides['optim.warmup_steps']}"
+        " steps, then stable, decaying over the last 40% of the budget; an evaluation every "
+        f"{overrides['train.eval_interval']:g} s of training (not counted in the budget)",
+    ]
+    return overrides, reasons

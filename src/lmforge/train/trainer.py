@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge import hardware, presets
-from lmforge.config import BatchPlan, RunConfig, apply_overrides, conflicts, flatten
+from lmforge.config import BatchPlan, RunConfig, apply_overrides, conflicts, convert, flatten, parse_duration
 from lmforge.data.loader import DataDir
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import LMForgeError
@@ -60,13 +60,11 @@ def resolve_config(
 ) -> tuple[RunConfig, bool]:
     """The run's config and whether it continues an existing run dir.
 
-    Later sources win: the preset (demo when neither a preset nor --depth is given), the sizes --depth derives,
-    the config file, then the dotted overrides.
+    Later sources win: the preset, the sizes --depth derives, the config file, then the dotted overrides. With
+    neither a preset nor --depth, a new run with a time budget (and no step count) gets the preset `budget`, which
+    `size_for_budget` fills in for the device; any other gets `demo`.
     """
-    requested: dict[str, Any] = presets.from_depth(depth) if depth is not None else {}
-    if config_file:
-        requested.update(_read_config_file(config_file))
-    requested.update(overrides)
+    requested = requested_overrides(config_file, overrides, depth)
     saved_path = out / "config.json"
     if saved_path.is_file():
         saved = RunConfig.load(saved_path)
@@ -92,11 +90,56 @@ def resolve_config(
         return apply_overrides(saved, requested), True
     if not data:
         raise LMForgeError("--data is required for a new run; create a data dir with lmforge prepare")
-    base = presets.get(preset) if preset else {} if depth is not None else presets.get("demo")
-    if depth is not None and not preset:
+    if preset:
+        base = presets.get(preset)
+    elif depth is not None:
         base = {"preset": f"depth{depth}"}
+    elif parse_duration(requested.get("train.time") or 0) > 0 and not requested.get("train.max_steps"):
+        base = {"preset": presets.BUDGET}
+    else:
+        base = presets.get("demo")
     config = apply_overrides(RunConfig(), {**base, **requested, "data": str(Path(data).resolve())})
     return config, False
+
+
+def requested_overrides(config_file: str | None, overrides: dict[str, Any], depth: int | None) -> dict[str, Any]:
+    """What the command asked for, the preset aside: --depth's sizes, then the config file, then the flags."""
+    requested: dict[str, Any] = presets.from_depth(depth) if depth is not None else {}
+    if config_file:
+        requested.update(_read_config_file(config_file))
+    requested.update(overrides)
+    return requested
+
+
+def size_for_budget(config: RunConfig, requested: dict[str, Any], device, world_size: int, echo) -> RunConfig:
+    """A new `budget` run's model and recipe, chosen by presets.for_time_budget for this device's measured speed
+    (the flags given beside --time win), and said in words."""
+    tc = config.train
+    precision = hardware.auto_precision(device) if tc.precision == "auto" else tc.precision
+    peak = hardware.speed(device).peak(precision) * world_size
+    if not peak > 0:
+        raise LMForgeError(f"the speed of {device} is unknown, so --time cannot size the run; give --preset or --depth")
+    vocab_size = config.model.vocab_size or Tokenizer.load(tokenizer_source(config)).vocab_size
+    rule, reasons = presets.for_time_budget(
+        tc.time,
+        peak,
+        device.type,
+        vocab_size,
+        memory_bytes=hardware.memory_bytes(device),
+        precision=precision,
+        muon=not (world_size > 1 and tc.dist == "fsdp"),  # Muon is refused under FSDP
+    )
+    chosen = {**rule, **requested}
+    if "model.n_embd" in requested and "model.n_head" not in requested:  # a width alone: heads that divide it
+        width = convert("model.n_embd", int, chosen["model.n_embd"])
+        chosen["model.n_head"] = max(h for h in range(1, max(1, width // presets.HEAD_SIZE) + 1) if width % h == 0)
+    given = sorted(k for k in rule if k in requested)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in reasons:
+            echo(f"time budget: {line}")
+        if given:
+            echo(f"time budget: given on the command line, and kept: {', '.join(given)}")
+    return apply_overrides(config, chosen)
 
 
 def config_value(config: RunConfig, dotted: str) -> Any:
@@ -162,6 +205,11 @@ def train(
     info, device = dist.setup(config.train.device)
     try:
         with torch_settings_restored():
+            if config.train.threads:  # the probe behind the budget is per thread count
+                torch.set_num_threads(config.train.threads)
+            if config.preset == presets.BUDGET and not resuming:
+                requested = requested_overrides(config_file, dict(overrides or {}), depth)
+                config = size_for_budget(config, requested, device, info.world_size, echo)
             return _train(out, config, resuming, info, device, progress_bar, echo)
     finally:
         dist.teardown(info)
@@ -334,7 +382,8 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
     n_params = model.num_params()
     n_trained = sum(p.numel() for p in module.parameters() if p.requires_grad)  # parameters() yields tied ones once
     train_model = dist.wrap(module, tc.dist, info, device)
-    optimizers = build_optimizers(module, oc, device.type)
+    ns_dtype = torch.bfloat16 if precision != "fp32" else torch.float32  # Muon's Newton-Schulz: as the matmuls
+    optimizers = build_optimizers(module, oc, device.type, ns_dtype)
     if tc.compile:
         train_model = torch.compile(train_model)
     plain = module is model and not has_lora(model)  # else model.safetensors gets the plain, merged weights
@@ -551,7 +600,7 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
                 if val:
                     improved = early.update(val["val_loss"], step)
                     log({"step": step, **val, "gap": round(val["val_loss"] - loss_value, 5),
-                         "best_val_loss": early.best_val})  # fmt: skip
+                         "best_val_loss": early.best_val, "elapsed": round(elapsed, 2)})  # fmt: skip
                     accuracy = f", val accuracy {val['val_accuracy']:.3f}" if "val_accuracy" in val else ""
                     say(f"step {step}: train loss {loss_value:.4f}, val loss {val['val_loss']:.4f}{accuracy}")
                     if es.patience and improved and step % tc.save_every:
