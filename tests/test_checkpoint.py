@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,57 @@ def test_a_checkpoint_from_before_the_fused_qkv_projection_resumes_the_same_run(
     assert all(abs(straight[s] - again[s]) < 1e-5 for s in straight), (straight, again)
     a, b = LM.load(run).model.state_dict(), LM.load(old).model.state_dict()
     assert all(torch.allclose(a[name], b[name], atol=1e-5) for name in a)
+
+
+def run_files(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): sha256_file(p) for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_a_run_whose_every_state_json_is_gone_is_refused_not_started_afresh(run):
+    """issue 15 item 1; RELIABILITY 6: never a silent fresh start over a run's checkpoints."""
+    for path in checkpoint.complete_checkpoints(run):
+        (path / "state.json").unlink()
+    before = run_files(run)
+    with pytest.warns(UserWarning, match="state.json is missing"):
+        with pytest.raises(LMForgeError, match="no checkpoint in .* loads into this run's model"):
+            train(None, run, overrides={"train.max_steps": 50}, progress_bar=False, echo=quiet)
+    assert run_files(run) == before  # checkpoints, metrics.jsonl and config.json as they were
+
+
+def test_a_missing_newest_state_json_falls_back_with_a_warning(run):
+    newest = checkpoint.complete_checkpoints(run)[-1]
+    (newest / "state.json").unlink()
+    with pytest.warns(UserWarning, match=f"skipping damaged checkpoint {newest}: its state.json is missing"):
+        resumed = train(None, run, progress_bar=False, echo=quiet)
+    assert resumed["step"] == 12
+
+
+def test_a_config_with_more_layers_than_the_weights_is_refused_on_resume(run):
+    """issue 15 item 2: set_model_state_dict(strict=True) alone lets extra layers resume random."""
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["n_layer"] += 1
+    (run / "config.json").write_text(json.dumps(config))
+    before = run_files(run)
+    with pytest.warns(UserWarning, match=r"lacks 12 of the model's weights \(blocks\.2\."):
+        with pytest.raises(LMForgeError, match="loads into this run's model"):
+            train(None, run, overrides={"train.max_steps": 16}, progress_bar=False, echo=quiet)
+    assert run_files(run) == before
+
+
+def test_a_second_trainer_on_a_run_dir_is_refused_with_the_first_ones_pid(run, char_data):
+    """issue 15 item 6: an OS lock, released by a crash (here a SIGKILL) without any cleanup."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom lmforge.files import exclusive\n"
+         f"with exclusive({str(run)!r}, 'test'):\n    print('locked', flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = run_files(run)
+        with pytest.raises(LMForgeError, match=f"in use by another lmforge train \\(pid {holder.pid}\\)"):
+            train(None, run, overrides={"train.max_steps": 16}, progress_bar=False, echo=quiet)
+        assert run_files(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(None, run, overrides={"train.max_steps": 16}, progress_bar=False, echo=quiet)["step"] == 16

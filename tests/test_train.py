@@ -146,6 +146,9 @@ def test_config_overrides_and_errors():
         apply_overrides(RunConfig(), {"model.n_layr": 3})
     with pytest.raises(LMForgeError, match="integer"):
         apply_overrides(RunConfig(), {"model.n_layer": "two"})
+    for field, value in (("model.n_layer", True), ("optim.lr", False)):  # issue 15 item 9: JSON true is not 1
+        with pytest.raises(LMForgeError, match=f"{field} takes an? (integer|number), not {value}"):
+            RunConfig.from_dict({"model": {"n_layer": value}} if field == "model.n_layer" else {"optim": {"lr": value}})
     assert RunConfig.from_dict(config.to_dict()) == config
     assert parse_duration("90s") == 90 and parse_duration("5m") == 300 and parse_duration("1.5h") == 5400
     with pytest.raises(LMForgeError, match="duration"):

@@ -313,6 +313,8 @@ def convert(name: str, kind: type, value: Any) -> Any:
         raise LMForgeError(f"{name} takes true or false, not {value!r}")
     if kind is float and name == "train.time":
         return parse_duration(value)
+    if kind in (int, float) and isinstance(value, bool):  # JSON's true is no number of layers
+        raise LMForgeError(f"{name} takes {'an integer' if kind is int else 'a number'}, not {value!r}")
     try:
         if kind is int:
             if isinstance(value, float) and not value.is_integer():

@@ -206,11 +206,16 @@ def _write(root: Path, final: Path, step: int, weights: dict[str, dict], optim_s
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint dirs whose state.json exists, oldest first; partial `.tmp-*` dirs are never listed."""
+    """Checkpoint dirs, oldest first; partial `.tmp-*` dirs are never listed.
+
+    A `step_*` dir only ever appears whole (it is renamed into place), so one is listed even when its state.json
+    has since gone missing: loading it then fails and says so, and a run whose every state.json was deleted is
+    refused rather than silently started afresh over its checkpoints.
+    """
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "state.json").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -235,6 +240,8 @@ def prune(root: Path, keep_last: int, protect: tuple[int, ...] = ()) -> None:
 
 
 def read_state(path: Path) -> dict:
+    if not (path / "state.json").is_file():
+        raise ValueError("its state.json is missing")
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     for name, size in state["files"].items():
         actual = (path / name).stat().st_size
@@ -267,6 +274,11 @@ def load(path: Path, model: torch.nn.Module, optimizer=None, training: bool | No
         set_optimizer_state_dict,
     )
 
+    # set_model_state_dict(strict=True) does not report weights the file lacks: a model with more layers than the
+    # checkpoint would resume with the extra ones random
+    missing = missing_weights(model, weights)
+    if missing:
+        raise ValueError(f"{name} lacks {len(missing)} of the model's weights ({', '.join(missing[:3])}, ...)")
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
     if optimizers:
         if "optimizer.pt" not in state["files"]:
@@ -275,6 +287,18 @@ def load(path: Path, model: torch.nn.Module, optimizer=None, training: bool | No
         optim_state = fuse_qkv_optimizer_state(optim_state)  # a checkpoint from before the fused projection
         set_optimizer_state_dict(model, optimizers, optim_state, options=StateDictOptions(full_state_dict=True))
     return state
+
+
+def missing_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """The model's state names that `weights` does not provide (its q/k/v pieces stand in for a fused qkv_proj)."""
+
+    def provided(name: str) -> bool:
+        if name in weights:
+            return True
+        prefix, fused, leaf = name.rpartition("qkv_proj.")
+        return bool(fused) and all(f"{prefix}{part}_proj.{leaf}" in weights for part in "qkv")
+
+    return [name for name in model.state_dict() if not provided(name)]
 
 
 def fuse_qkv_optimizer_state(optim_state: dict) -> dict:

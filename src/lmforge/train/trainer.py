@@ -41,7 +41,7 @@ from lmforge.config import BatchPlan, RunConfig, apply_overrides, conflicts, con
 from lmforge.data.loader import DataDir
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import LMForgeError
-from lmforge.files import sha256_file, write_text_atomic
+from lmforge.files import exclusive, sha256_file, write_text_atomic
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import has_lora, merged_state_dict
 from lmforge.train import checkpoint, dist, objectives
@@ -167,6 +167,11 @@ def torch_settings_restored():
         torch.use_deterministic_algorithms(deterministic)
 
 
+def locked(out: Path, info: dist.Dist, what: str):
+    """The run dir's lock, held by the main process for the whole run: a second trainer on it is refused."""
+    return exclusive(out, what) if info.is_main else contextlib.nullcontext()
+
+
 def setup_precision(precision: str, device: torch.device) -> tuple[str, Any, Any]:
     """(resolved precision, autocast context, GradScaler or None)."""
     if precision == "auto":
@@ -210,7 +215,8 @@ def train(
             if config.preset == presets.BUDGET and not resuming:
                 requested = requested_overrides(config_file, dict(overrides or {}), depth)
                 config = size_for_budget(config, requested, device, info.world_size, echo)
-            return _train(out, config, resuming, info, device, progress_bar, echo)
+            with locked(out, info, "lmforge train"):
+                return _train(out, config, resuming, info, device, progress_bar, echo)
     finally:
         dist.teardown(info)
 
@@ -251,7 +257,7 @@ def finetune(
     config, resuming = resolve_finetune_config(base, data, out, task, config_file, dict(overrides or {}))
     info, device = dist.setup(config.train.device)
     try:
-        with torch_settings_restored():
+        with torch_settings_restored(), locked(out, info, "lmforge finetune"):
             return _train(out, config, resuming, info, device, progress_bar, echo)
     finally:
         dist.teardown(info)
@@ -398,18 +404,22 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
                 shutil.copyfile(tokenizer_config, out / "tokenizer_config.json")
         for name, text in objective.files.items():
             write_text_atomic(out / name, text)
-        config.save(out / "config.json")
         checkpoint.remove_partial(out)
     dist.barrier(info)
 
     state = checkpoint.load_latest(out, module, optimizers)
     if state is None and checkpoint.complete_checkpoints(out):
-        raise LMForgeError(f"every checkpoint in {out / 'checkpoints'} is damaged; remove them to start over")
+        raise LMForgeError(
+            f"no checkpoint in {out / 'checkpoints'} loads into this run's model (the warnings above say why); "
+            "nothing was changed: restore the damaged files or the run's config, or choose another --out"
+        )
     if state and state.get("world_size", 1) != info.world_size:
         raise LMForgeError(
             f"{out} was trained with {state.get('world_size', 1)} process(es), not {info.world_size}; "
             f"resume with torchrun --nproc_per_node {state.get('world_size', 1)}"
         )
+    if info.is_main:  # only once the checkpoints fit it: a refused resume leaves the run's config.json as it was
+        config.save(out / "config.json")
     state = state or {}
     step = state.get("step", 0)  # optimizer steps taken
     position = state.get("data_position", step)  # batches drawn: step plus the batches skipped
