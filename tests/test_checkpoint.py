@@ -262,3 +262,68 @@ def test_a_second_trainer_on_a_run_dir_is_refused_with_the_first_ones_pid(run, c
         holder.kill()
         holder.wait()
     assert train(None, run, overrides={"train.max_steps": 16}, progress_bar=False, echo=quiet)["step"] == 16
+
+
+@contextlib.contextmanager
+def full_disk(directory: Path, monkeypatch):
+    """directory on a tmpfs just big enough for what it holds now, so the next checkpoint runs out of space; where
+    no tmpfs can be mounted (not root), torch.save fails as it does on a full disk (RuntimeError 'unexpected pos')."""
+    used = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    saved = directory.with_name(directory.name + "-saved")
+    mounted = os.geteuid() == 0 and shutil.move(directory, saved) and directory.mkdir() is None
+    if mounted:
+        size = used + 64 * 1024  # the files back in, and less room than one more checkpoint
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)])
+        mounted = result.returncode == 0
+        if not mounted:
+            directory.rmdir()
+            shutil.move(saved, directory)
+    if not mounted:
+
+        def full(*args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 1024 vs 960")
+
+        monkeypatch.setattr(checkpoint.torch, "save", full)
+        yield "injected"
+        monkeypatch.undo()
+        return
+    try:
+        shutil.copytree(saved, directory, dirs_exist_ok=True)
+        yield "tmpfs"
+    finally:
+        kept = directory.with_name(directory.name + "-kept")
+        shutil.copytree(directory, kept)
+        subprocess.run(["umount", str(directory)], check=True)
+        directory.rmdir()
+        shutil.rmtree(saved)
+        shutil.move(kept, directory)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(run, monkeypatch):
+    """issue 15 item 4, docs/reliability.md item 8: a one-line error (not a RuntimeError traceback from torch.save),
+    the earlier checkpoints intact, nothing partial left; with room again, the run resumes."""
+    before = snapshot(run)
+    with full_disk(run / "checkpoints", monkeypatch) as how:
+        with pytest.raises(LMForgeError) as caught:
+            train(None, run, overrides={"train.max_steps": 16}, progress_bar=False, echo=quiet)
+        message = str(caught.value)
+        assert "cannot write checkpoint" in message and "step_000016" in message and "\n" not in message, message
+        assert how == "injected" or "No space left" in message or "unexpected pos" in message, message
+        assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert snapshot(run) == before
+    result = train(None, run, overrides={"train.max_steps": 16}, progress_bar=False, echo=quiet)
+    assert result["step"] == 16 and checkpoint.complete_checkpoints(run)[-1].name == "step_000016"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.threads": -1}, "train.threads and train.micro_batch_size must not be negative"),
+        ({"train.device": "tpu9"}, "train.device takes auto, cpu, cuda, cuda:N or mps, not 'tpu9'"),
+        ({"train.batch_tokens": 7}, "train.batch_tokens=7 is less than 1 sequence.* raise it to at least 32"),
+    ],
+)
+def test_bad_training_settings_are_one_line_errors(tmp_path, char_data, overrides, message):
+    """issue 15 items 7 and 8: no traceback, and a message whose advice works."""
+    with pytest.raises(LMForgeError, match=message):
+        train(str(char_data), tmp_path / "run", preset="tiny", overrides=overrides, progress_bar=False, echo=quiet)

@@ -124,6 +124,11 @@ class TrainConfig:
             raise LMForgeError("train.max_steps, train.time and train.eval_interval must not be negative")
         if self.batch_size < 1:
             raise LMForgeError(f"train.batch_size must be at least 1, not {self.batch_size}")
+        if self.threads < 0 or self.micro_batch_size < 0:
+            raise LMForgeError(
+                f"train.threads and train.micro_batch_size must not be negative (0: the default), not "
+                f"{self.threads} and {self.micro_batch_size}"
+            )
         if self.eval_every < 1 or self.save_every < 1 or self.log_every < 1 or self.keep_last < 1:
             raise LMForgeError("train.eval_every, save_every, log_every and keep_last must be at least 1")
 
@@ -223,6 +228,11 @@ class BatchPlan:
     @classmethod
     def derive(cls, train: TrainConfig, seq_len: int, world_size: int = 1) -> BatchPlan:
         batch = train.batch_tokens // seq_len if train.batch_tokens else train.batch_size
+        if train.batch_tokens and batch < world_size:
+            raise LMForgeError(
+                f"train.batch_tokens={train.batch_tokens} is less than {world_size} sequence(s) of model.seq_len="
+                f"{seq_len} tokens; raise it to at least {world_size * seq_len}"
+            )
         if batch < world_size:
             raise LMForgeError(
                 f"a batch of {batch} sequences cannot be split over {world_size} processes; raise train.batch_size"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LMForgeError
@@ -169,7 +169,8 @@ def save(
         try:
             _write(root, final, step, files, optim_state, state)
             prune(root, keep_last, protect)
-        except OSError as exc:
+        # a full disk: torch.save raises RuntimeError ("unexpected pos"), safetensors its own SafetensorError
+        except (OSError, RuntimeError, SafetensorError) as exc:
             error = exc
     _barrier()
     if error is not None:

@@ -42,7 +42,12 @@ def setup(device_name: str) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", info.local_rank) if info.enabled else torch.device(device_type)
         torch.cuda.set_device(device)
     else:
-        device = torch.device(device_type)
+        try:
+            device = torch.device(device_type)
+        except RuntimeError:  # torch's own message lists every device type it was built with
+            raise LMForgeError(f"train.device takes auto, cpu, cuda, cuda:N or mps, not {device_name!r}") from None
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise LMForgeError("train.device=mps but this machine has no MPS device; use --train.device cpu")
     if info.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return info, device
