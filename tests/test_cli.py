@@ -181,3 +181,14 @@ def test_the_cli_and_prepare_do_not_import_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "data" / "meta.json").is_file()
+
+
+def test_a_command_whose_extra_is_missing_says_which_to_install(tiny_run, monkeypatch, capsys):
+    """issue 15 item 10: `lmforge serve` without the serve extra; sys.modules[name] = None makes its import fail
+    as it does where the package is not installed."""
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    monkeypatch.delitem(sys.modules, "lmforge.serve.app", raising=False)  # imported afresh, it imports uvicorn
+    assert main(["serve", str(tiny_run), "--port", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "lmforge: error: lmforge serve needs the serve extra (uvicorn is not installed): pip install 'lmforge[serve]'"
+    )

@@ -699,13 +699,40 @@ COMMANDS = {
 }
 
 
+# The optional extras (pyproject.toml) by the modules they bring: a command that needs one says which to install.
+EXTRAS = {
+    "transformers": "hf",
+    "datasets": "data",
+    "pyarrow": "data",
+    "zstandard": "data",
+    "sentencepiece": "data",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "httpx": "serve",
+    "sacrebleu": "metrics",
+    "rouge_score": "metrics",
+    "sklearn": "metrics",
+    "tensorboard": "log",
+    "wandb": "log",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *rest: f"lmforge: warning: {message}\n"
+    args = None
     try:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
     except LMForgeError as exc:
         print(f"lmforge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise  # not an optional dependency: a defect, with its traceback
+        command = f"lmforge {args.command}" if args is not None else "lmforge"
+        print(f"lmforge: error: {command} needs the {extra} extra ({exc.name} is not installed): "
+              f"pip install 'lmforge[{extra}]'", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\nlmforge: interrupted; a run resumes from its newest checkpoint with the same command", file=sys.stderr)
