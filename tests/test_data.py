@@ -140,6 +140,24 @@ def test_existing_output_is_not_overwritten(tmp_path, corpus_file):
     assert (out / "train_000000.bin").read_bytes() != before
 
 
+def test_overwrite_replaces_only_a_data_dir_never_the_input_or_other_files(tmp_path, corpus_file):
+    """issue 15 item 3: --overwrite on the corpus itself, on a folder holding it, or on a folder of other files."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(corpus_file.read_text())
+    (folder / "notes.md").write_text("mine")
+    kept = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for sources, out, message in [
+        ([str(folder / "a.txt")], folder / "a.txt", "holds the input"),
+        ([str(folder)], folder, "holds the input"),
+        ([str(corpus_file)], folder, "not a data dir made by lmforge prepare"),
+        ([str(corpus_file)], folder / "notes.md", "is a file, not a data dir"),
+    ]:
+        with pytest.raises(LMForgeError, match=message):
+            prepare(sources, out, progress=False, overwrite=True)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == kept
+
+
 def test_train_batches_depend_only_on_seed_and_step(char_data):
     data = DataDir(char_data)
     a = data.train_batch(5, 0, 4, 8, 16, seed=1)

@@ -118,6 +118,8 @@ def prepare(
     if tokenizer not in ("char", "bpe"):
         _check_tokenizer_path(tokenizer)
     resolved = [sources_mod.resolve(spec, input) for spec in sources]
+    if out.exists():
+        _check_replaceable(out, resolved)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
@@ -781,6 +783,22 @@ def _remove_stale(out: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         elif path.name.startswith(f".{out.name}.old-") and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_replaceable(out: Path, resolved: list) -> None:
+    """--overwrite replaces a data dir lmforge made, never the command's own input or a folder of other files."""
+    target = out.resolve()
+    for source in resolved:
+        for path, _ in source.files:
+            if path.resolve() == target or target in path.resolve().parents:
+                raise LMForgeError(f"--out {out} is or holds the input {path}; write the data dir somewhere else")
+    if not out.is_dir():
+        raise LMForgeError(f"{out} is a file, not a data dir; choose another --out")
+    if any(out.iterdir()) and not (out / "meta.json").is_file():
+        raise LMForgeError(
+            f"{out} is not a data dir made by lmforge prepare (it has no meta.json), and --overwrite replaces only "
+            "those; choose another --out"
+        )
 
 
 def _glob_escape(name: str) -> str:
