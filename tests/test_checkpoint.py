@@ -327,3 +327,13 @@ def test_bad_training_settings_are_one_line_errors(tmp_path, char_data, override
     """issue 15 items 7 and 8: no traceback, and a message whose advice works."""
     with pytest.raises(LMForgeError, match=message):
         train(str(char_data), tmp_path / "run", preset="tiny", overrides=overrides, progress_bar=False, echo=quiet)
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"model.vocab_size": 10**9}, {"model.n_embd": 2**20, "model.n_head": 1}, {"model.n_layer": 500,
+                  "model.n_embd": 8192, "model.n_head": 64}], ids=["vocab", "width", "depth"])  # fmt: skip
+def test_a_model_too_big_for_the_machine_is_refused_before_any_allocation(tmp_path, char_data, overrides):
+    """issue 15 item 7 (RELIABILITY 13): an estimate up front, not an allocation error or the OOM killer."""
+    with pytest.raises(LMForgeError, match=r"training this model needs about [\d.]+ GiB .* more than the"):
+        train(str(char_data), tmp_path / "run", preset="tiny", overrides=overrides, progress_bar=False, echo=quiet)
+    assert not (tmp_path / "run" / "checkpoints").exists()

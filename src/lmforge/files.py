@@ -39,20 +39,26 @@ def exclusive(directory: str | Path, what: str):
     directory. On a file system without flock the block runs unlocked.
     """
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / ".lock"
-    with open(path, "a", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                yield  # no locks here (some network file systems): run as before
-                return
-            raise LMForgeError(
-                f"{directory} is in use by another {what} (pid {lock_holder(path)}); wait for it to finish or "
-                "choose another --out"
-            ) from None
-        yield
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    yield  # no locks here (some network file systems): run as before
+                    return
+                raise LMForgeError(
+                    f"{directory} is in use by another {what} (pid {lock_holder(path)}); wait for it to finish or "
+                    "choose another --out"
+                ) from None
+            yield
+    finally:
+        if created and [p.name for p in directory.iterdir()] == [".lock"]:  # refused before writing anything
+            path.unlink()
+            directory.rmdir()
 
 
 def lock_holder(path: Path) -> str:

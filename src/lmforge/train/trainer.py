@@ -337,6 +337,27 @@ def resolve_finetune_config(
     return config, False
 
 
+def check_memory(config: RunConfig, plan: BatchPlan, precision: str, device, world_size: int) -> None:
+    """Refuse, before allocating anything, a model whose training needs more memory than the device has (the
+    estimate `lmforge info` prints: weights, gradients, AdamW state and a micro-batch's activations); a process
+    that tries would be killed by the kernel or fail in an allocation minutes later."""
+    from lmforge.info import gib, model_info
+
+    available = hardware.memory_bytes(device)
+    if not available:
+        return
+    estimate = model_info(config.model, plan.micro_batch_size, dtype="fp32" if precision == "fp32" else "bf16")
+    needed = estimate.train_bytes
+    if world_size > 1 and config.train.dist == "fsdp":  # weights, gradients and optimizer state are sharded
+        needed -= estimate.train_state_bytes - estimate.train_state_bytes // world_size
+    if needed > available:
+        raise LMForgeError(
+            f"training this model needs about {gib(needed)} ({estimate.params / 1e6:,.0f}M parameters at a "
+            f"micro-batch of {plan.micro_batch_size}), more than the {gib(available)} of {device}; make it smaller "
+            "(model.n_layer, model.n_embd, model.vocab_size) or lower train.micro_batch_size"
+        )
+
+
 def tokenizer_source(config: RunConfig) -> Path:
     """Where a new run's tokenizer comes from: its base run (a fine-tune) or its data dir."""
     if config.finetune.base:
@@ -378,6 +399,7 @@ def _train(out: Path, config: RunConfig, resuming: bool, info: dist.Dist, device
     precision, autocast, scaler = setup_precision(tc.precision, device)
     peak = hardware.speed(device).peak(precision) * info.world_size  # MFU's: of the precision in use
 
+    check_memory(config, plan, precision, device, info.world_size)
     torch.manual_seed(tc.seed)
     model = GPT(mc).to(device)
     base_state = None
