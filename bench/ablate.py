@@ -53,6 +53,8 @@ VARIANTS: dict[str, dict] = {
     "muon2e-3": {"optim.name": "muon", "optim.lr": 2e-3},
     "muon5e-3": {"optim.name": "muon", "optim.lr": 5e-3},
     "muon2e-2": {"optim.name": "muon", "optim.lr": 2e-2},
+    "drop0.1": {"model.dropout": 0.1},
+    "drop0.2": {"model.dropout": 0.2},
     # optimizer, learning rate, schedule, warmup
     "lr2e-3": {"optim.lr": 2e-3},
     "lr3e-3": {"optim.lr": 3e-3},
