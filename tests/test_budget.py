@@ -105,3 +105,20 @@ def test_a_step_count_or_a_preset_is_not_sized_for_time(tmp_path, char_data, mon
     train(str(char_data), tmp_path / "tiny", preset="tiny", overrides={"train.time": 0.5}, progress_bar=False,
           echo=quiet)  # fmt: skip
     assert RunConfig.load(tmp_path / "tiny" / "config.json").preset == "tiny"
+
+
+def test_precision_auto_is_resolved_once_and_a_resume_keeps_it(tmp_path, char_data, monkeypatch):
+    """A probe taken later (on a loaded machine, or another one) must not change a run's precision midway: the new
+    run saves what auto chose, and the resumed run trains in that, even when asked for auto again."""
+    fake_speed(monkeypatch, tmp_path, 1e11, 7e11)  # bf16 measured faster
+    run = tmp_path / "run"
+    common = {"train.log_every": 1, "train.save_every": 2}
+    train(str(char_data), run, preset="tiny", overrides={**common, "train.max_steps": 2}, progress_bar=False,
+          echo=quiet)  # fmt: skip
+    assert RunConfig.load(run / "config.json").train.precision == "bf16"
+    fake_speed(monkeypatch, tmp_path, 1e11, 1e9)  # now a probe would say fp32
+    said = []
+    overrides = {"train.max_steps": 4, "train.precision": "auto"}
+    train(None, run, overrides=overrides, progress_bar=False, echo=said.append)
+    assert any("; bf16 on cpu; resuming at step 2" in line for line in said), said
+    assert RunConfig.load(run / "config.json").train.precision == "bf16"

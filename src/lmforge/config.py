@@ -409,6 +409,8 @@ def conflicts(saved: RunConfig, requested: dict[str, Any]) -> list[str]:
     for name, value in requested.items():
         if name in RESUMABLE_CHANGES or name not in saved_flat:
             continue
+        if name == "train.precision" and value == "auto":  # a new run saves what auto chose: asking again agrees
+            continue
         if convert(name, types[name], value) != saved_flat[name]:
             problems.append(f"{name}={value} (the run has {saved_flat[name]})")
     return problems

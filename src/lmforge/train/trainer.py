@@ -73,12 +73,7 @@ def resolve_config(
                 f"{out} was trained with preset {saved.preset!r}, not {preset!r}; "
                 "rerun without --preset to resume it, or choose another --out"
             )
-        problems = conflicts(saved, requested)
-        if problems:
-            raise LMForgeError(
-                f"{out} holds a run whose config differs: {'; '.join(problems)}; "
-                "drop those flags to resume it, or choose another --out for a new run"
-            )
+        check_resumable(out, saved, requested)
         if data and Path(data).resolve() != Path(saved.data).resolve():
             theirs, ours = Path(data) / "tokenizer.json", out / "tokenizer.json"
             if not theirs.is_file() or sha256_file(theirs) != sha256_file(ours):
@@ -87,7 +82,7 @@ def resolve_config(
                     "resume with the run's own data dir or choose another --out"
                 )
             requested["data"] = str(Path(data).resolve())
-        return apply_overrides(saved, requested), True
+        return resumed(saved, requested), True
     if not data:
         raise LMForgeError("--data is required for a new run; create a data dir with lmforge prepare")
     if preset:
@@ -102,6 +97,23 @@ def resolve_config(
     return config, False
 
 
+def check_resumable(out: Path, saved: RunConfig, requested: dict[str, Any]) -> None:
+    problems = conflicts(saved, requested)
+    if problems:
+        raise LMForgeError(
+            f"{out} holds a run whose config differs: {'; '.join(problems)}; "
+            "drop those flags to resume it, or choose another --out for a new run"
+        )
+
+
+def resumed(saved: RunConfig, requested: dict[str, Any]) -> RunConfig:
+    """The saved config with the requested changes a resume may make; asking for precision auto again keeps the
+    precision auto chose when the run began (resolve_precision)."""
+    if requested.get("train.precision") == "auto":
+        requested = {k: v for k, v in requested.items() if k != "train.precision"}
+    return apply_overrides(saved, requested)
+
+
 def requested_overrides(config_file: str | None, overrides: dict[str, Any], depth: int | None) -> dict[str, Any]:
     """What the command asked for, the preset aside: --depth's sizes, then the config file, then the flags."""
     requested: dict[str, Any] = presets.from_depth(depth) if depth is not None else {}
@@ -111,11 +123,19 @@ def requested_overrides(config_file: str | None, overrides: dict[str, Any], dept
     return requested
 
 
+def resolve_precision(config: RunConfig, device) -> RunConfig:
+    """A new run's precision auto, made what the hardware probe chose here: config.json records it, so a resume
+    trains in the same precision even where a probe taken then (say, under load) would choose otherwise."""
+    if config.train.precision != "auto":
+        return config
+    return apply_overrides(config, {"train.precision": hardware.auto_precision(device)})
+
+
 def size_for_budget(config: RunConfig, requested: dict[str, Any], device, world_size: int, echo) -> RunConfig:
     """A new `budget` run's model and recipe, chosen by presets.for_time_budget for this device's measured speed
     (the flags given beside --time win), and said in words."""
     tc = config.train
-    precision = hardware.auto_precision(device) if tc.precision == "auto" else tc.precision
+    precision = tc.precision  # resolved by resolve_precision
     peak = hardware.speed(device).peak(precision) * world_size
     if not peak > 0:
         raise LMForgeError(f"the speed of {device} is unknown, so --time cannot size the run; give --preset or --depth")
@@ -212,6 +232,8 @@ def train(
         with torch_settings_restored():
             if config.train.threads:  # the probe behind the budget is per thread count
                 torch.set_num_threads(config.train.threads)
+            if not resuming:
+                config = resolve_precision(config, device)
             if config.preset == presets.BUDGET and not resuming:
                 requested = requested_overrides(config_file, dict(overrides or {}), depth)
                 config = size_for_budget(config, requested, device, info.world_size, echo)
@@ -256,6 +278,8 @@ def finetune(
     out = Path(out)
     config, resuming = resolve_finetune_config(base, data, out, task, config_file, dict(overrides or {}))
     info, device = dist.setup(config.train.device)
+    if not resuming:
+        config = resolve_precision(config, device)
     try:
         with torch_settings_restored(), locked(out, info, "lmforge finetune"):
             return _train(out, config, resuming, info, device, progress_bar, echo)
@@ -300,13 +324,8 @@ def resolve_finetune_config(
                 f"{data} is not the data {out} was fine-tuned on ({saved.finetune.data}); "
                 "resume with that file or choose another --out"
             )
-        problems = conflicts(saved, requested)
-        if problems:
-            raise LMForgeError(
-                f"{out} holds a run whose config differs: {'; '.join(problems)}; "
-                "drop those flags to resume it, or choose another --out for a new run"
-            )
-        return apply_overrides(saved, requested), True
+        check_resumable(out, saved, requested)
+        return resumed(saved, requested), True
     if base is None or data is None:
         raise LMForgeError("a new fine-tune needs a base run dir and --data FILE.jsonl")
     base = Path(base)
