@@ -1,4 +1,5 @@
-"""lmforge eval: loss, perplexity, bits per byte and loss by position; task reports; errors."""
+"""lmforge eval: loss, perplexity, bits per byte and loss by position; task reports; scoring given tokens (the engine's
+echo prefill) and multiple-choice records; errors."""
 
 import json
 import math
@@ -18,7 +19,8 @@ from lmforge.data.tokenizer import Tokenizer, bpe_tokenizer, char_tokenizer_from
 from lmforge.errors import LMForgeError
 from lmforge.eval.lm import text_batches, token_bytes
 from lmforge.eval.report import evaluate
-from lmforge.eval.tasks import evaluate_text
+from lmforge.eval.tasks import encode_pair, evaluate_text
+from lmforge.generate import SamplingParams, continuation_logprobs, generate, score
 from lmforge.model.gpt import GPT, ModelConfig
 from lmforge.train import checkpoint
 from lmforge.train.trainer import finetune, train
@@ -165,3 +167,120 @@ def test_classification_task_report(tmp_path):
     assert "Confusion matrix" in report and "ROC-AUC" in report
     predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 120 and all(sum(p["probabilities"]) == pytest.approx(1, abs=1e-5) for p in predictions)
+
+
+# ----------------------------------------------------------------------------------------- scoring given tokens
+
+
+def forward_logprobs(model, ids: list[int]) -> list[float | None]:
+    """Each token's log-probability after those before it, from one plain forward pass (not the engine's)."""
+    if len(ids) < 2:
+        return [None]
+    with torch.no_grad():
+        logp = model(torch.tensor([ids[:-1]]))[0][0].float().log_softmax(dim=-1)
+    return [None] + [logp[i, t].item() for i, t in enumerate(ids[1:])]
+
+
+@pytest.fixture(scope="module")
+def small_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=40, seq_len=16, n_layer=2, n_head=2, n_embd=16)).eval()
+
+
+def test_echo_scores_every_prompt_token_as_a_forward_pass_does(small_model):
+    rng = random.Random(0)
+    texts = [[rng.randrange(40) for _ in range(n)] for n in (1, 2, 5, 16, 17)]  # 17: the context and one predicted
+    scoring = SamplingParams(max_new_tokens=0, echo=True, logprobs=3)
+    for use_cache in (True, False):  # the cached, batched prefill and the reference decoder
+        for ids, c in zip(texts, generate(small_model, None, texts, scoring, use_cache=use_cache)):
+            assert (c.prompt_ids, c.token_ids, c.finish_reason, c.completion_tokens) == (ids, [], "length", 0)
+            assert c.prompt_logprobs[0] is None and c.prompt_top_logprobs[0] == []
+            assert c.prompt_logprobs[1:] == pytest.approx(forward_logprobs(small_model, ids)[1:], abs=1e-5)
+            for logprob, top in zip(c.prompt_logprobs[1:], c.prompt_top_logprobs[1:]):
+                values = [v for _, v in top]
+                assert len(top) == 3 and values == sorted(values, reverse=True) and values[0] >= logprob - 1e-6
+    alone = score(small_model, None, [texts[3]], top=1)[0]
+    assert alone.prompt_logprobs[1:] == pytest.approx(score(small_model, None, texts)[3].prompt_logprobs[1:], abs=1e-5)
+    with pytest.raises(LMForgeError, match="scores at most 17"):
+        score(small_model, None, [[1] * 18])
+    with pytest.raises(LMForgeError, match="0 with echo"):
+        SamplingParams(max_new_tokens=0)
+
+
+def test_echo_with_generation_keeps_the_output_and_its_stop_token(small_model):
+    prompt = [3, 1, 4, 1, 5]
+    greedy = {"max_new_tokens": 4, "temperature": 0.0, "logprobs": 0}
+    plain = generate(small_model, None, [prompt], SamplingParams(**greedy, stop_token_ids=()))[0]
+    echoed = generate(small_model, None, [prompt], SamplingParams(**greedy, stop_token_ids=(), echo=True))[0]
+    assert echoed.token_ids == plain.token_ids and echoed.logprobs == pytest.approx(plain.logprobs, abs=1e-6)
+    assert echoed.prompt_logprobs[1:] == pytest.approx(forward_logprobs(small_model, prompt)[1:], abs=1e-5)
+    # the first greedy token made a stop token: echo shows it (every token the model produced), plain output does not
+    stop = (plain.token_ids[0],)
+    kept = generate(small_model, None, [prompt], SamplingParams(**greedy, stop_token_ids=stop, echo=True))[0]
+    dropped = generate(small_model, None, [prompt], SamplingParams(**greedy, stop_token_ids=stop))[0]
+    assert (kept.token_ids, kept.finish_reason) == ([*stop], "stop")
+    assert (dropped.token_ids, dropped.finish_reason) == ([], "stop")
+    assert kept.logprobs == pytest.approx(plain.logprobs[:1], abs=1e-6)
+
+
+def test_continuation_logprobs_sum_the_continuation_and_say_if_it_is_greedy(small_model):
+    context = [5, 6, 7, 8]
+    greedy = SamplingParams(max_new_tokens=3, temperature=0.0, stop_token_ids=())
+    best = generate(small_model, None, [context], greedy)[0].token_ids
+    other = [*best[:2], (best[2] + 1) % 40]
+    long_context = [i % 40 for i in range(30)]  # with its continuation, cut to 17 tokens from the left
+    pairs = [(context, best), (context, other), (long_context, [1, 2])]
+    results = continuation_logprobs(small_model, None, pairs)
+    for (before, after), (total, _) in zip(pairs, results):
+        whole = (before + after)[-17:]
+        assert total == pytest.approx(sum(forward_logprobs(small_model, whole)[-len(after) :]), abs=1e-4)
+    assert [is_greedy for _, is_greedy in results[:2]] == [True, False]
+    with pytest.raises(LMForgeError, match="context of at least one token"):
+        continuation_logprobs(small_model, None, [([], [1])])
+
+
+def test_encode_pair_splits_text_as_the_harness_does():
+    text = "hello world, hello there; the quick brown fox jumps over the lazy dog.\n"
+    bpe = bpe_tokenizer(iter([text] * 30), vocab_size=300)
+    before, after = encode_pair(bpe, "hello ", "world")  # the context's trailing space goes to the continuation
+    assert before == bpe.encode("hello") and before + after == bpe.encode("hello world")
+    empty_before, empty_after = encode_pair(bpe, "", "hello")  # an empty context is the document-start token
+    assert (empty_before, empty_after) == ([bpe.eot_id], bpe.encode("hello"))
+
+
+def test_multiple_choice_records_are_scored_by_log_likelihood(tmp_path, periodic, capsys):
+    _, run = periodic
+    text = (run.parent / "p.txt").read_text()
+    records = []
+    for start in range(0, 300 * 60, 60 * 25):  # the next letters of one repeating triple, and two wrong ones
+        prompt, right = text[start : start + 7], text[start + 7 : start + 9]
+        wrong = [c + c for c in "abcdefghij" if c + c != right][:2]
+        records.append({"prompt": prompt, "choices": [wrong[0], right, wrong[1]], "answer": 1})
+    records.append({"prompt": "", "choices": ["abc", "jihgf"], "answer": 0})  # after the document-start token
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["eval", str(run), "--task", str(path), "--out", str(tmp_path / "out"), "--batch-size", "4"]) == 0
+    assert f"{len(records)} records: accuracy" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "task_eval.json").read_text())
+    scored = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    lm = LM.load(run)
+    for record, example in zip(records, scored):
+        by_hand = []
+        for choice in record["choices"]:  # the choice's tokens after the prompt's, from a plain forward pass
+            start = lm.tokenizer.encode_prompt(record["prompt"]) or [lm.tokenizer.document_start]
+            ids = start + lm.tokenizer.encode(choice)
+            by_hand.append(sum(forward_logprobs(lm.model, ids)[len(start) :]))
+        assert example["loglikelihoods"] == pytest.approx(by_hand, abs=1e-4)
+        lls, lengths = example["loglikelihoods"], [len(c) for c in record["choices"]]
+        assert example["predicted"] == max(range(len(lls)), key=lambda i: lls[i])
+        assert example["predicted_norm"] == max(range(len(lls)), key=lambda i: lls[i] / lengths[i])
+    m = summary["metrics"]
+    assert summary["kind"] == "multiple_choice" and m["examples"] == len(records)
+    assert m["accuracy"] == pytest.approx(sum(e["predicted"] == e["answer"] for e in scored) / len(records))
+    assert m["accuracy_norm"] == pytest.approx(sum(e["predicted_norm"] == e["answer"] for e in scored) / len(records))
+    assert "multiple-choice records" in (tmp_path / "out" / "task_eval.md").read_text()
+    for bad, message in [({"answer": 3}, "answer must be the index"), ({"choices": ["a"]}, "two or more choices")]:
+        path.write_text(json.dumps({**records[0], **bad}) + "\n")
+        assert main(["eval", str(run), "--task", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1

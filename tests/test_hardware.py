@@ -1,10 +1,14 @@
 """The hardware probe: measured once per machine and cached; precision auto and MFU follow what it measured."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import quiet
 from lmforge import hardware
 from lmforge.model.config import ModelConfig
 from lmforge.model.gpt import GPT
@@ -71,3 +75,33 @@ def test_an_unwritable_cache_only_costs_a_probe(tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_CACHE", str(blocker / "cache"))
     assert hardware.speed(CPU).fp32 > 0
     assert hardware.auto_precision(CPU) in ("fp32", "bf16")
+
+
+def test_mfu_stays_within_its_limit_while_another_process_loads_the_cpu(tmp_path, char_data):
+    """MFU is against a peak probed once, at rest, and cached, and tokens/s counts training time only: a machine kept
+    busy by other processes slows training and lowers MFU, but cannot push it past 1 or make the run probe again.
+    One torch thread: more would spin against the busy processes and make the run take minutes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    busy = []
+    try:
+        peak = hardware.speed(CPU)  # probed now, before the load starts, or read from this session's cache
+        cached = hardware.cache_file().read_text()
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+        overrides = {"train.max_steps": 20, "train.log_every": 1}
+        train(str(char_data), tmp_path / "run", preset="tiny", overrides=overrides, progress_bar=False, echo=quiet)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+        torch.set_num_threads(threads)
+    records = [r for r in read_metrics(tmp_path / "run") if "mfu" in r]
+    assert hardware.cache_file().read_text() == cached  # no probe under load
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    flops = GPT(ModelConfig(**config["model"])).flops_per_token()
+    precision = config["train"]["precision"].replace("auto", "bf16" if peak.bf16_faster else "fp32")
+    assert len(records) == 20
+    for record in records:  # each MFU is its step's measured rate against that cached peak (logged to 4 decimals)
+        exact = record["tokens_per_s"] * flops / peak.peak(precision)
+        assert 0 < exact <= 1 and 0 <= record["mfu"] <= 1, record
+        assert record["mfu"] == pytest.approx(exact, abs=6e-5)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from lmforge.generate import SamplingParams, generate
 from lmforge.interop import export_hf, import_hf
 from lmforge.model.gpt import GPT, ModelConfig
 from lmforge.train import checkpoint
+from lmforge.train.trainer import finetune
 
 TEXT = "First Citizen:\nSpeak, speak . Before we proceed any further, hear me.\ncafé, naïve, 東京 🙂\tdone\n"
 LLAMA = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}
@@ -160,30 +162,35 @@ print(json.dumps(results))
         assert torch.allclose(ours[0], torch.tensor(result["logits"]), atol=1e-4)
 
 
-def hf_char_tokenizer(special: list[str], bos: str | None = None):
-    """A transformers fast tokenizer over TEXT's characters with the given special tokens first; with bos, it puts
-    that token before every text, as Llama 2 and 3 tokenizers do (a post-processor template)."""
+def hf_char_tokenizer(special: list[str], bos: str | None = None, eos: bool = True):
+    """A transformers fast tokenizer over TEXT's characters with the given special tokens first, the last of them
+    its end-of-sequence token (unless eos is False); with bos, it puts that token before every text, as Llama 2 and
+    3 tokenizers do (a post-processor template)."""
     vocab = {token: i for i, token in enumerate(special)}
     for ch in sorted(set(TEXT)):
         vocab.setdefault(ch, len(vocab))
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     hf.add_special_tokens(special)
     hf.decoder = decoders.Fuse()
+    named = {"eos_token": special[-1]} if eos else {}
     if bos is None:
-        return transformers.PreTrainedTokenizerFast(tokenizer_object=hf, eos_token=special[-1])
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=hf, **named)
     hf.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
     )
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=hf, eos_token=special[-1], bos_token=bos)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=hf, bos_token=bos, **named)
 
 
-def save_tiny_llama(path: Path, tokenizer, vocab_size: int, max_shard_size=None, **fields):
-    """A 2-layer, 32-wide LlamaForCausalLM (perturbed) and its tokenizer saved with save_pretrained; returns the model.
-    fields set or override its LlamaConfig (<s> is id 1 and </s> id 2, as hf_char_tokenizer makes them)."""
+def save_tiny_llama(path: Path, tokenizer, vocab_size: int, max_shard_size=None, edit=None, **fields):
+    """A 2-layer, 32-wide LlamaForCausalLM (perturbed, then changed by edit(model) if given) and its tokenizer saved
+    with save_pretrained; returns the model. fields set or override its LlamaConfig (<s> is id 1 and </s> id 2, as
+    hf_char_tokenizer makes them)."""
     config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-5,
               "rope_theta": 500.0, "bos_token_id": 1, "eos_token_id": 2, **fields}  # fmt: skip
     torch.manual_seed(0)
     hf_model = perturbed(transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=vocab_size, **config)))
+    if edit is not None:
+        edit(hf_model)
     hf_model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(path)
     return hf_model
@@ -268,7 +275,7 @@ def test_import_gpt2_file_in_the_original_layout(tmp_path, hf_gpt2):
     ids=["gqa_untied_sharded", "mha_tied_bias"],
 )
 def test_import_llama_made_by_transformers(tmp_path, fields):
-    tokenizer = hf_char_tokenizer(["<unk>", "<s>", "</s>"])  # Llama style: no <|endoftext|>
+    tokenizer = hf_char_tokenizer(["<unk>", "<s>", "</s>"])  # Llama style: no <|endoftext|>, </s> ends documents
     fields = dict(fields)
     padding = fields.pop("padding")
     path = tmp_path / "hf_llama"
@@ -277,7 +284,8 @@ def test_import_llama_made_by_transformers(tmp_path, fields):
     )
     if fields["num_key_value_heads"] == 2:
         assert (path / "model.safetensors.index.json").is_file()
-    with pytest.warns(UserWarning, match="no <\\|endoftext\\|>"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing was changed: nothing to warn about
         result = import_hf(path, tmp_path / "run")
     lm = assert_same_logits(tmp_path / "run", hf_model)
     c = lm.model.config
@@ -287,12 +295,10 @@ def test_import_llama_made_by_transformers(tmp_path, fields):
         500.0,
         fields["tie_word_embeddings"],
     )
-    # Every id of the original tokenizer is unchanged; <|endoftext|> comes after them.
-    original = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
-    assert all(lm.tokenizer.hf.token_to_id(token) == i for token, i in original.items())
-    assert lm.tokenizer.eot_id == len(original)
-    # when the new id has no embedding, the note says what that means for generation
-    assert ("outside the model" in result["notes"][0]) == (padding == 0)
+    # The tokenizer is the original, and its own </s> separates documents and stops generation
+    assert (tmp_path / "run" / "tokenizer.json").read_text() == (path / "tokenizer.json").read_text()
+    assert result["notes"] == [] and c.vocab_size == len(tokenizer) + padding
+    assert (lm.tokenizer.eot_token, lm.tokenizer.eot_id, lm.tokenizer.vocab_size) == ("</s>", 2, len(tokenizer))
     assert lm.generate("Speak", max_new_tokens=5, temperature=0.0)[0]
 
 
@@ -390,9 +396,8 @@ def hf_llama_bos(tmp_path) -> tuple[Path, torch.nn.Module, transformers.PreTrain
     tokenizer = hf_char_tokenizer(["<unk>", "<s>", "</s>"], bos="<s>")
     tokenizer.chat_template = BOS_CHAT_TEMPLATE
     path = tmp_path / "hf_llama_bos"
-    vocab_size = len(tokenizer) + 2  # room for the <|endoftext|> import adds, so the run can be exported
-    hf_model = save_tiny_llama(
-        path, tokenizer, vocab_size, intermediate_size=48, num_key_value_heads=2, max_position_embeddings=64
+    hf_model = save_tiny_llama(  # as many embeddings as tokens, as in every real Llama
+        path, tokenizer, len(tokenizer), intermediate_size=48, num_key_value_heads=2, max_position_embeddings=64
     )
     tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "add_bos_token": True}))
@@ -402,14 +407,16 @@ def hf_llama_bos(tmp_path) -> tuple[Path, torch.nn.Module, transformers.PreTrain
 
 
 def import_quietly(path: Path, run: Path) -> dict:
-    with pytest.warns(UserWarning, match="no <\\|endoftext\\|>"):  # Llama style: <|endoftext|> is added
+    """import_hf, failing on any warning it would give."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         return import_hf(path, run)
 
 
 def test_import_llama_with_bos_generates_as_transformers(tmp_path, hf_llama_bos, capsys):
     path, hf_model, tokenizer = hf_llama_bos
     result = import_quietly(path, tmp_path / "run")
-    assert len(result["notes"]) == 1  # tokenizer.json and tokenizer_config.json agree: nothing else to say
+    assert result["notes"] == []  # tokenizer.json and tokenizer_config.json agree, </s> ends documents: all as it was
     lm = LM.load(tmp_path / "run")
     assert (lm.tokenizer.bos_token, lm.tokenizer.bos_id) == ("<s>", 1)
 
@@ -467,14 +474,16 @@ def test_export_keeps_bos_through_a_round_trip(tmp_path, hf_llama_bos):
     import_quietly(path, tmp_path / "run")
     export_hf(tmp_path / "run", tmp_path / "hf")
     exported = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
-    assert (exported["add_bos_token"], exported["bos_token"]) == (True, "<s>")
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["bos_token_id"] == 1
+    assert (exported["add_bos_token"], exported["bos_token"], exported["eos_token"]) == (True, "<s>", "</s>")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["vocab_size"]) == (1, 2, hf_model.config.vocab_size)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer("Speak")["input_ids"] == LM.load(tmp_path / "run").tokenizer.encode_prompt("Speak")
-    assert tokenizer("Speak")["input_ids"][0] == 1
-    import_hf(tmp_path / "hf", tmp_path / "back")  # <|endoftext|> is there now: no warning
+    assert tokenizer("Speak")["input_ids"][0] == 1 and tokenizer.eos_token == "</s>"
+    import_quietly(tmp_path / "hf", tmp_path / "back")
     back = LM.load(tmp_path / "back")
     assert (back.tokenizer.bos_id, back.encode_prompt("Speak")) == (1, tokenizer("Speak")["input_ids"])
+    assert (tmp_path / "back" / "tokenizer.json").read_text() == (path / "tokenizer.json").read_text()
 
 
 def test_a_model_trained_without_bos_is_exported_without_it(tmp_path):
@@ -498,6 +507,110 @@ def test_import_follows_tokenizer_json_when_tokenizer_config_disagrees(tmp_path,
     (path / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": None}))
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     with pytest.warns(UserWarning, match="add_bos_token=True, but tokenizer.json adds no beginning"):
-        import_quietly(path, tmp_path / "run")
+        import_hf(path, tmp_path / "run")
     lm = LM.load(tmp_path / "run")
     assert lm.tokenizer.bos_id is None and lm.encode_prompt("Speak") == tokenizer("Speak")["input_ids"]
+
+
+def test_import_adds_an_end_token_only_to_a_tokenizer_without_one_and_grows_the_embeddings(tmp_path):
+    """No end-of-sequence token anywhere: <|endoftext|> is added after the existing ids and, as the embeddings had no
+    row for it, they (and the head) grow by one row, the mean of the others; the export then has that row too."""
+    tokenizer = hf_char_tokenizer(["<unk>", "<s>"], eos=False)
+    path = tmp_path / "hf_llama"
+    hf_model = save_tiny_llama(path, tokenizer, len(tokenizer), eos_token_id=None, max_position_embeddings=24)
+    with pytest.warns(UserWarning) as said:
+        result = import_hf(path, tmp_path / "run")
+    assert [str(w.message) for w in said] == result["notes"] and len(result["notes"]) == 2
+    assert "added <|endoftext|> as special token" in result["notes"][0]
+    assert "grew the embeddings and the output head to" in result["notes"][1]
+    lm = LM.load(tmp_path / "run")
+    n = len(tokenizer)
+    assert (lm.tokenizer.eot_token, lm.tokenizer.eot_id, lm.model.config.vocab_size) == (EOT, n, n + 1)
+    ids = input_ids(n)
+    with torch.no_grad():
+        ours, _ = lm.model(ids)
+        theirs = hf_model(ids).logits
+    assert torch.allclose(ours[..., :n], theirs, atol=1e-4)  # the original tokens' logits are unchanged
+    assert torch.allclose(ours[..., n], theirs.mean(dim=-1), atol=1e-4)  # the new row is the mean row: its logit too
+    assert torch.equal(lm.model.tok_emb.weight[n], hf_model.model.embed_tokens.weight.mean(dim=0))
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert exported.config.vocab_size == n + 1 and exported.config.eos_token_id == n
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, ours, atol=1e-4)
+
+
+def stops_after(after: str, then: str, tokenizer):
+    """An edit for save_tiny_llama: greedy decoding writes `then` after `after`, and </s> after `then`, whatever came
+    before. Their embeddings are one large basis vector each, so the residual stream at their positions is that
+    vector, near enough, and the head rows of `then` and of </s> read it."""
+    first, second, eos = (tokenizer.convert_tokens_to_ids(t) for t in (after, then, "</s>"))
+
+    def edit(model) -> None:
+        embeddings, head = model.model.embed_tokens.weight, model.lm_head.weight
+        with torch.no_grad():
+            for token, axis in ((first, 0), (second, 1)):
+                embeddings[token] = 0.0
+                embeddings[token, axis] = 1000.0
+            for token, axis in ((second, 0), (eos, 1)):
+                head[token] = 0.0
+                head[token, axis] = 50.0
+
+    return edit
+
+
+def test_an_imported_llama_whose_tokens_fill_its_embeddings_finetunes_generates_and_exports(tmp_path):
+    """Every real Llama: as many embeddings as tokens. Nothing is added; </s> separates documents and stops
+    generation; full and LoRA fine-tunes of it generate, stop at </s> and export, and transformers decodes the
+    export greedily as we do."""
+    tokenizer = hf_char_tokenizer(["<unk>", "<s>", "</s>"], bos="<s>")
+    path = tmp_path / "hf_llama"
+    save_tiny_llama(path, tokenizer, len(tokenizer), edit=stops_after(":", "\n", tokenizer),
+                    intermediate_size=48, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    import_quietly(path, tmp_path / "run")
+    base = LM.load(tmp_path / "run")
+    assert (base.tokenizer.eot_token, base.model.config.vocab_size) == ("</s>", len(tokenizer))
+    records = [{"prompt": "First Citizen:", "response": "\nSpeak."}, {"prompt": "Speak", "response": ", hear me."}]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    for name, lora in (("full", {}), ("lora", {"lora.rank": 4})):
+        overrides = {"train.max_steps": 3, "train.batch_size": 2, "train.threads": 1, **lora}
+        finetune(tmp_path / "run", data, tmp_path / name, overrides=overrides, progress_bar=False, echo=lambda *a: None)
+        tuned = LM.load(tmp_path / name)
+        assert (tuned.tokenizer.eot_id, tuned.tokenizer.bos_id, tuned.model.config.vocab_size) == (2, 1, len(tokenizer))
+        # "\n" after ":", then </s>, which ends the output
+        done = tuned.complete("First Citizen:", max_new_tokens=10, temperature=0.0)[0]
+        assert (done.text, done.finish_reason, done.completion_tokens) == ("\n", "stop", 2)
+        export_hf(tmp_path / name, tmp_path / f"{name}_hf")
+        config = json.loads((tmp_path / f"{name}_hf" / "config.json").read_text())
+        assert (config["vocab_size"], config["eos_token_id"], config["bos_token_id"]) == (len(tokenizer), 2, 1)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}_hf").eval()
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / f"{name}_hf")
+        for prompt in ("First Citizen:", "Speak, speak", "café"):
+            inputs = hf_tokenizer(prompt, return_tensors="pt")
+            assert inputs["input_ids"][0].tolist() == tuned.encode_prompt(prompt)
+            with torch.no_grad():  # transformers stops at the generation config's eos_token_id, </s>
+                out = hf.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=0)
+            ours = tuned.complete(prompt, max_new_tokens=12, temperature=0.0)[0]
+            stop = [2] if ours.finish_reason == "stop" else []
+            assert out[0, inputs["input_ids"].shape[1] :].tolist() == ours.token_ids + stop, (name, prompt)
+
+
+def test_export_pads_on_the_left_for_batched_generation(tmp_path):
+    """A decoder continues its prompt's last token: batched generation in transformers pads before the prompt, and a
+    padded prompt then decodes as it does alone."""
+    run, _ = make_run(tmp_path, **LLAMA)
+    export_hf(run, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["padding_side"] == "left"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert tokenizer.padding_side == "left"
+    prompts = ["First Citizen:", "Speak"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][1, 0] == 0  # the shorter prompt is padded in front
+    settings = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None, "pad_token_id": tokenizer.pad_token_id}
+    with torch.no_grad():
+        together = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1] :]
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(**tokenizer(prompt, return_tensors="pt"), **settings)
+            assert together[row].tolist() == alone[0, -6:].tolist()

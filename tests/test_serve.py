@@ -146,6 +146,44 @@ def test_completions_with_the_openai_client(server, lm):
     assert cut.text == full.text[: full.text.index(stop)] and cut.finish_reason == "stop"
 
 
+def test_echo_scores_the_prompt_with_the_openai_client(server, lm):
+    """echo returns the prompt's tokens and their log-probs (the first null), then any generated ones, as OpenAI did;
+    max_tokens 0 scores without generating. The numbers are those of a plain forward pass over the prompt."""
+    client = server.client()
+    prompt = "First Citizen:\nSpeak"
+    ids = lm.tokenizer.encode_prompt(prompt)
+    with torch.no_grad():
+        logp = lm.model(torch.tensor([ids[:-1]]))[0][0].float().log_softmax(dim=-1)
+    expected = [logp[i, t].item() for i, t in enumerate(ids[1:])]
+    scored = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    choice, lp = scored.choices[0], scored.choices[0].logprobs
+    assert (choice.text, choice.finish_reason, scored.usage.completion_tokens) == (prompt, "length", 0)
+    assert lp.tokens == list(prompt) and lp.text_offset == list(range(len(prompt)))  # one character per token
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert all(max(top.values()) >= value - 1e-6 for top, value in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    # with generation: the output is the one without echo, after the prompt; streaming sends the prompt first
+    greedy = {"model": "tiny", "prompt": prompt, "max_tokens": 5, "temperature": 0, "logprobs": 0}
+    plain = client.completions.create(**greedy, extra_body={"ignore_eos": True}).choices[0]
+    echoed = client.completions.create(**greedy, echo=True, extra_body={"ignore_eos": True}).choices[0]
+    assert echoed.text == prompt + plain.text and echoed.logprobs.tokens == lp.tokens + plain.logprobs.tokens
+    assert echoed.logprobs.token_logprobs[len(ids) :] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-6)
+    assert echoed.logprobs.text_offset == list(range(len(echoed.text)))
+    events = list(client.completions.create(**greedy, echo=True, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(e.choices[0].text for e in events) == echoed.text
+    assert [t for e in events for t in e.choices[0].logprobs.tokens] == echoed.logprobs.tokens
+    # token-id prompts in a batch, echo without log-probs, and a text one token longer than the context
+    batch = client.completions.create(model="tiny", prompt=[ids, ids[:3]], max_tokens=0, echo=True)
+    assert [c.text for c in batch.choices] == [prompt, prompt[:3]] and batch.choices[0].logprobs is None
+    longest = lm.tokenizer.encode("First Citizen:\nBefore we proceed any further")[: lm.context + 1]
+    full = client.completions.create(model="tiny", prompt=longest, max_tokens=0, echo=True, logprobs=0)
+    assert len(full.choices[0].logprobs.tokens) == lm.context + 1
+    with pytest.raises(openai.BadRequestError, match="most scored is 33"):
+        client.completions.create(model="tiny", prompt=longest + [1], max_tokens=0, echo=True)
+    with pytest.raises(openai.BadRequestError, match="0 \\(with echo\\) or 1"):
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=-1, echo=True)
+
+
 def test_chat_with_the_openai_client(server):
     client = server.client()
     messages = [{"role": "system", "content": "Speak."}, {"role": "user", "content": "First Citizen:"}]
@@ -243,7 +281,6 @@ def bad_requests() -> list[tuple[str, bytes | dict, set[int]]]:
         (completions, {**ok, "stop": 5}, {400}),
         (completions, {**ok, "logprobs": 99}, {400}),
         (completions, {**ok, "frequency_penalty": 7}, {400}),
-        (completions, {**ok, "echo": True}, {400}),
         (completions, {**ok, "logit_bias": {"1": 5}}, {400}),
         (completions, {**ok, "model": "other"}, {404}),
         (completions, b'{"prompt": "' + b"x" * (10 << 20) + b'"}', {413}),

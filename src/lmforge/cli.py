@@ -319,25 +319,31 @@ def cmd_finetune(args) -> None:
 def add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="score a run: loss, perplexity, bits per byte on text; task metrics on records",
+        help="score a run: loss, perplexity, bits per byte on text; task metrics on records; lm-evaluation-harness",
         description=(
             "--data DATA_DIR|TEXT_FILE: loss, perplexity, bits per byte (comparable across tokenizers) and loss by "
             "position in the context. --task FILE.jsonl: generate each record's answer and score BLEU, chrF, "
             "ROUGE-1/2/L, exact match and token F1; for a classification run, accuracy, per-class and macro "
-            "precision/recall/F1, ROC-AUC with the ROC curve and the confusion matrix. Writes JSON, a markdown "
-            "report and plots into --out."
+            "precision/recall/F1, ROC-AUC with the ROC curve and the confusion matrix; for multiple-choice records "
+            '({"prompt", "choices": [...], "answer": i}), accuracy by log-likelihood, also per character. '
+            "--harness TASKS: lm-evaluation-harness tasks (names, or YAML task files) on the run itself, no export "
+            "needed (pip install 'lmforge[eval]'). Writes JSON, a markdown report and plots into --out."
         ),
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data", help="a data dir (its --split) or a UTF-8 text file")
-    p.add_argument("--task", help="a JSONL file of records like the ones lmforge finetune reads")
+    p.add_argument("--task", help="a JSONL file of records like lmforge finetune's, or multiple-choice ones")
+    p.add_argument("--harness", metavar="TASKS", help="lm-evaluation-harness tasks (names, .yaml files)")
+    p.add_argument("--num-fewshot", type=int, help="--harness: examples in each prompt (default: each task's own)")
+    dtypes = ["fp32", "bf16", "fp16"]
+    p.add_argument("--dtype", choices=dtypes, default="fp32", help="--harness: the model's dtype (default: fp32)")
     p.add_argument("--out", help="folder for the reports (default: RUN_DIR/eval)")
     p.add_argument("--split", default="val", help="the data dir's split (default: val)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     p.add_argument("--max-batches", type=int, help="--data: stop after this many batches")
     p.add_argument("--max-new-tokens", type=int, default=128, help="--task: longest answer (default: 128)")
     p.add_argument("--num-beams", type=int, default=1, help="--task: beam search with N beams (default: greedy)")
-    p.add_argument("--limit", type=int, default=0, help="--task: score the first N records only")
+    p.add_argument("--limit", type=int, default=0, help="--task, --harness: score the first N records (of each task)")
     p.add_argument("--step", type=int, help="evaluate this checkpoint step instead of the newest")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -356,6 +362,7 @@ def cmd_eval(args) -> None:
         args.run_dir,
         data=args.data,
         task=args.task,
+        harness=args.harness,
         out=args.out,
         split=args.split,
         batch_size=args.batch_size,
@@ -365,6 +372,8 @@ def cmd_eval(args) -> None:
         limit=args.limit,
         device=args.device,
         step=args.step,
+        num_fewshot=args.num_fewshot,
+        dtype=args.dtype,
     )
     if "lm" in results:
         lm = results["lm"]
@@ -378,12 +387,21 @@ def cmd_eval(args) -> None:
         if results["task"]["kind"] == "classification":
             auc = f"{m['roc_auc']:.4f}" if m["roc_auc"] is not None else "n/a"
             print(f"{m['examples']} records: accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f}, ROC-AUC {auc}")
+        elif results["task"]["kind"] == "multiple_choice":
+            print(f"{m['examples']} records: accuracy {m['accuracy']:.4f}, per character {m['accuracy_norm']:.4f}")
         else:
             print(
                 f"{m['examples']} records: BLEU {m['bleu']:.2f}, chrF {m['chrf']:.2f}, ROUGE-L {m['rougeL']:.2f}, "
                 f"exact match {m['exact_match']:.2f}, token F1 {m['token_f1']:.2f}"
             )
+    for task, metrics in results.get("harness", {}).get("results", {}).items():
+        shown = [f"{k.partition(',')[0]} {v:.4f}" for k, v in metrics.items() if "_stderr" not in k and _is_number(v)]
+        print(f"{task}: {', '.join(shown)}")
     print("reports:    " + ", ".join(str(f) for f in results["files"]))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def build_parser() -> Parser:

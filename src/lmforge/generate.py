@@ -7,7 +7,14 @@ Top to bottom:
 - `Sequence`: one prompt being continued: its tokens, random generator, text, stop conditions and log-probs.
 - `Engine`: continuous batching. Sequences join and leave between steps and every step decodes one token for
   all of them in one forward pass. The Python API, the CLI, the chat and the server all drive this one class.
-- `generate()`, `stream()`, `beam_search()`: the entry points.
+- `generate()`, `stream()`, `beam_search()`: the entry points; `score()` and `continuation_logprobs()`: the
+  log-probabilities of given tokens, with no generation.
+
+Scoring is a prefill: with `echo=True` the engine keeps the log-probability of every prompt token (and its top
+alternatives) from the same forward pass that predicts the first new token, and `max_new_tokens=0` stops there
+(without reading the last token, which is only predicted: a text one token longer than the context is scored).
+The server's `echo`, `lmforge eval --task` on multiple-choice records and the lm-evaluation-harness adapter all
+score through it, so a prompt's log-probs are the same numbers whichever of them asks.
 
 The context: a prompt must leave room for at least one new token, else it is an error (or, with
 `truncate="left"`, its oldest tokens are dropped). Generation stops with finish_reason "length" when prompt and
@@ -29,6 +36,8 @@ from lmforge.model.kv_cache import KVCache
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+SCORE_BLOCK = 256  # prompt positions scored at once: a (block, vocab) table of logits, never (prompt, vocab)
+Alternatives = list[tuple[int, float]]  # the most likely tokens at one position: (id, log-prob), best first
 
 
 def _is_int(value) -> bool:
@@ -55,6 +64,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # strings that end the output; the output stops before the first one
     stop_token_ids: tuple[int, ...] | None = None  # ids that end the output; None: the tokenizer's end of text
     logprobs: int | None = None  # None: none; 0: the chosen token's log-probability; k: also the k most likely
+    # also score the prompt's tokens (Completion.prompt_logprobs; max_new_tokens may then be 0), and keep a stop token
+    # that ends the output in token_ids and logprobs, as OpenAI's echo shows every token
+    echo: bool = False
     num_beams: int = 1  # more than 1: beam search, which is deterministic (sampling settings do not apply)
     length_penalty: float = 1.0  # beam score = sum of log-probs / (generated length ** length_penalty)
     truncate: str | None = None  # "left": drop the oldest prompt tokens that do not fit the context
@@ -69,8 +81,9 @@ class SamplingParams:
             self.stop_token_ids = tuple(self.stop_token_ids)
         checks = [
             (
-                _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
-                f"max_new_tokens must be a positive integer, not {self.max_new_tokens!r}",
+                _is_int(self.max_new_tokens) and self.max_new_tokens >= (0 if self.echo else 1),
+                f"max_new_tokens must be a positive integer (or 0 with echo, to score the prompt only), "
+                f"not {self.max_new_tokens!r}",
             ),
             (
                 _is_number(self.temperature) and self.temperature >= 0,
@@ -115,6 +128,7 @@ class SamplingParams:
                 self.num_beams == 1 or self.overflow == "stop",
                 "beam search stays within the context; use overflow='stop' with num_beams > 1",
             ),
+            (self.num_beams == 1 or not self.echo, "echo scores the prompt with num_beams=1; beam search does not"),
         ]
         for ok, message in checks:
             if not ok:
@@ -138,7 +152,11 @@ class Chunk:
 
 @dataclass
 class Completion:
-    """A finished sequence. completion_tokens counts every generated token, the stop token included."""
+    """A finished sequence. completion_tokens counts every generated token, the stop token included.
+
+    With echo, prompt_ids are the prompt's tokens as the model saw them (after any truncation), prompt_logprobs
+    their log-probabilities (None for the first, which nothing predicts) and prompt_top_logprobs the `logprobs`
+    most likely tokens at each position (empty for the first)."""
 
     text: str
     token_ids: list[int]
@@ -147,6 +165,9 @@ class Completion:
     completion_tokens: int
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_ids: list[int] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -223,6 +244,33 @@ def sample(
     return torch.where(greedy, best, ids)
 
 
+# --------------------------------------------------------------------------------------------------- scoring
+
+
+def pick_logprobs(logprobs: torch.Tensor, ids: list[int], top: int) -> tuple[list[float], list[Alternatives]]:
+    """Rows of log-probabilities (N, vocab) -> each row's log-prob of its id in ids, and its `top` most likely
+    (id, log-prob) pairs, best first."""
+    picked = logprobs.gather(-1, torch.tensor(ids, device=logprobs.device)[:, None]).squeeze(-1).tolist()
+    if not top:
+        return picked, [[] for _ in ids]
+    values, indices = logprobs.topk(top, dim=-1)
+    return picked, [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+
+
+def prompt_logprobs(logits_of, prompt: list[int], top: int) -> tuple[list[float | None], list[Alternatives]]:
+    """Each prompt token's log-probability after the tokens before it (None for the first, which nothing predicts),
+    and the `top` most likely tokens at each position. logits_of(a, b) gives the logits (b - a, vocab) that
+    positions a..b-1 predict the next token with."""
+    chosen: list[float | None] = [None]
+    tops: list[Alternatives] = [[]]
+    for a in range(0, len(prompt) - 1, SCORE_BLOCK):
+        b = min(a + SCORE_BLOCK, len(prompt) - 1)
+        picked, best = pick_logprobs(logits_of(a, b).float().log_softmax(dim=-1), prompt[a + 1 : b + 1], top)
+        chosen += picked
+        tops += best
+    return chosen, tops
+
+
 # ------------------------------------------------------------------------------------------------- sequences
 
 
@@ -234,6 +282,14 @@ def check_prompt(prompt: list[int], params: SamplingParams, context: int, vocab_
     bad = [i for i in prompt if not (_is_int(i) and 0 <= i < vocab_size)]
     if bad:
         raise LMForgeError(f"the prompt has token ids outside the vocabulary of {vocab_size}: {bad[:5]}")
+    if params.max_new_tokens == 0:  # scoring only: the last token is predicted, never read, so one more fits
+        prompt = prompt[-(context + 1) :] if params.truncate == "left" else prompt
+        if len(prompt) > context + 1:
+            raise LMForgeError(
+                f"the text to score has {len(prompt)} tokens; a model with a context of {context} scores at most "
+                f"{context + 1} (the last is only predicted); shorten it or truncate it (--truncate left)"
+            )
+        return prompt
     if params.truncate == "left":
         # Leave room for max_new_tokens, but keep at least half the context of prompt.
         keep = max(1, min(context - 1, max(context - params.max_new_tokens, context // 2)))
@@ -314,6 +370,8 @@ class Sequence:
         self.context = context
         self.tag = tag  # the caller's own label (the server's request and choice index)
         self.tokens = list(self.prompt)  # prompt + output, including the stop token if one came
+        if params.max_new_tokens == 0:  # scoring only: the model reads every token but the last, which it predicts
+            self.tokens = self.tokens[: max(1, len(self.tokens) - 1)]
         self.window_start = 0  # where the context window starts in tokens (moves only with overflow="slide")
         self.cached = 0  # tokens of the window whose keys and values are in the cache
         self.slot: int | None = None
@@ -334,6 +392,9 @@ class Sequence:
             self.generator.manual_seed(params.seed)
         self.counts: torch.Tensor | None = None  # per-token counts of the output, for the penalties
         self.pending = 0  # output tokens not yet reported in a chunk
+        # with echo: set by the engine's first forward pass over the prompt
+        self.prompt_logprobs: list[float | None] | None = None
+        self.prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def window(self) -> list[int]:
@@ -360,13 +421,17 @@ class Sequence:
         self.tokens.append(token)
         if self.counts is not None:
             self.counts[token] += 1
-        if token in self.stop_ids:
+        stopped = token in self.stop_ids
+        if stopped and not self.params.echo:
             return self._finish("stop")
+        # echo shows every token the model produced, the one that ended the output too (its text stays out)
         self.output.append(token)
         if self.params.logprobs is not None:
             self.logprobs.append(logprob)
             self.top_logprobs.append(top or [])
         self.pending += 1
+        if stopped:
+            return self._finish("stop")
         text = self.text.push(token)
         if self.text.stopped:
             return self._finish("stop", text)
@@ -375,6 +440,10 @@ class Sequence:
         if self.params.overflow == "stop" and len(self.tokens) >= self.context:
             return self._finish("length", text)
         return self._chunk(text) if text else None
+
+    def finish_scored(self) -> Chunk:
+        """End a sequence that only scores its prompt (echo with max_new_tokens 0), before any token is generated."""
+        return self._finish("length")
 
     def _finish(self, reason: str, text: str = "") -> Chunk:
         self.finish_reason = reason
@@ -402,6 +471,9 @@ class Sequence:
             self.generated,
             list(self.logprobs) if want else None,
             list(self.top_logprobs) if want else None,
+            list(self.prompt) if self.params.echo else None,
+            self.prompt_logprobs,
+            self.prompt_top_logprobs,
         )
 
 
@@ -479,6 +551,9 @@ class Engine:
             ids = torch.tensor([n + [0] * (width - len(n)) for n in new], device=device)  # right-padded
             starts, slots = [s.cached for s in seqs], [s.slot for s in seqs]
             hidden, _ = model(ids, cache=self.cache, pos=starts, slots=slots, return_hidden=True)
+            for row, seq in enumerate(seqs):
+                if seq.params.echo and seq.prompt_logprobs is None:  # its first pass: new is the whole prompt
+                    self._score_prompt(seq, lambda a, b, h=hidden[row]: model.lm_head(h[a:b]))
             if width > 1:  # each row's last real token
                 hidden = hidden[torch.arange(len(seqs), device=device), torch.tensor([len(n) - 1 for n in new])]
             else:
@@ -491,7 +566,17 @@ class Engine:
         return logits[order]
 
     def _uncached_logits(self, rows: list[Sequence]) -> torch.Tensor:
-        return torch.cat([self.model(torch.tensor([s.window], device=self.device))[0][:, -1] for s in rows])
+        last = []
+        for seq in rows:
+            logits = self.model(torch.tensor([seq.window], device=self.device))[0][0]  # (window, vocab)
+            if seq.params.echo and seq.prompt_logprobs is None:
+                self._score_prompt(seq, lambda a, b, logits=logits: logits[a:b])
+            last.append(logits[-1:])
+        return torch.cat(last)
+
+    @staticmethod
+    def _score_prompt(seq: Sequence, logits_of) -> None:
+        seq.prompt_logprobs, seq.prompt_top_logprobs = prompt_logprobs(logits_of, seq.prompt, seq.params.logprobs or 0)
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
         return sample(
@@ -516,15 +601,10 @@ class Engine:
         chosen: list[float | None] = [None] * len(rows)
         tops: list[list[tuple[int, float]] | None] = [None] * len(rows)
         if logprobs is not None:
-            picked = logprobs.gather(-1, torch.tensor(ids, device=logprobs.device)[:, None]).squeeze(-1).tolist()
-            k = max(w or 0 for w in want)
-            if k:
-                values, indices = logprobs.topk(k, dim=-1)
-                values, indices = values.tolist(), indices.tolist()
+            picked, best = pick_logprobs(logprobs, ids, max(w or 0 for w in want))
             for i, w in enumerate(want):
                 if w is not None:
-                    chosen[i] = picked[i]
-                    tops[i] = list(zip(indices[i][:w], values[i][:w])) if w else []
+                    chosen[i], tops[i] = picked[i], best[i][:w]
         return ids, chosen, tops
 
     @torch.inference_mode()
@@ -546,11 +626,14 @@ class Engine:
             if was_training:
                 self.model.train()
         self.steps += 1
-        self.tokens_generated += len(rows)
         events = []
         for seq, token, logprob, top in zip(rows, ids, chosen, tops):
             seq.cached = len(seq.window)
-            chunk = seq.append(token, logprob, top)
+            if seq.params.max_new_tokens == 0:  # echo only: the prompt is scored, nothing is generated
+                chunk = seq.finish_scored()
+            else:
+                self.tokens_generated += 1
+                chunk = seq.append(token, logprob, top)
             if seq.finish_reason is not None:
                 self.slots[seq.slot] = None
                 seq.slot = None
@@ -606,6 +689,41 @@ def stream(
     while seq.finish_reason is None:
         for _, chunk in engine.step():
             yield chunk
+
+
+def score(model, tokenizer, sequences: list[list[int]], top: int = 0, max_batch: int = 32) -> list[Completion]:
+    """Token-id sequences scored with nothing generated: each Completion's prompt_logprobs holds every token's
+    log-probability after those before it (None for the first), prompt_top_logprobs the `top` most likely tokens
+    at each position. A sequence may be one token longer than the model's context: the last is only predicted."""
+    return generate(model, tokenizer, sequences, SamplingParams(max_new_tokens=0, echo=True, logprobs=top), max_batch)
+
+
+def continuation_logprobs(
+    model, tokenizer, pairs: list[tuple[list[int], list[int]]], max_batch: int = 32
+) -> list[tuple[float, bool]]:
+    """For each (context, continuation) pair of token-id lists: the continuation's total log-probability after the
+    context, and whether greedy decoding would have produced it, as lm-evaluation-harness defines loglikelihood.
+
+    Context and continuation together are cut from the left to one token more than the model's context (the last
+    is only predicted), as the harness cuts them: the oldest context tokens go.
+    """
+    context = model.config.seq_len
+    sequences, starts = [], []
+    for before, after in pairs:
+        if not before or not after:
+            raise LMForgeError("scoring needs a context of at least one token and a continuation of at least one")
+        if len(after) > context:
+            raise LMForgeError(
+                f"a continuation of {len(after)} tokens leaves no room for its context in the model's {context}"
+            )
+        whole = (before + after)[-(context + 1) :]
+        sequences.append(whole)
+        starts.append(len(whole) - len(after))
+    results = []
+    for scored, start in zip(score(model, tokenizer, sequences, top=1, max_batch=max_batch), starts):
+        best = [top[0][0] for top in scored.prompt_top_logprobs[start:]]
+        results.append((float(sum(scored.prompt_logprobs[start:])), best == scored.prompt_ids[start:]))
+    return results
 
 
 @torch.inference_mode()

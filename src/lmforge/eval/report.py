@@ -2,8 +2,10 @@
 
 Into the output folder (default RUN_DIR/eval):
 - `--data`: lm_eval.json, lm_eval.md and loss_by_position.png;
-- `--task`: task_eval.json, task_eval.md, predictions.jsonl (each record's prompt, output and references, or label
-  and probabilities) and, for classification, roc.png.
+- `--task`: task_eval.json, task_eval.md, predictions.jsonl (each record's prompt, output and references, label
+  and probabilities, or choices and their log-likelihoods) and, for classification, roc.png;
+- `--harness`: harness.json (lm-evaluation-harness's results, versions and shots per task), harness.md and
+  harness_samples.jsonl (each document's requests, responses and scores, as the harness logs them).
 Each file is written under a temporary name and renamed into place.
 """
 
@@ -22,6 +24,7 @@ def evaluate(
     run_dir: str | Path,
     data: str | Path | None = None,
     task: str | Path | None = None,
+    harness: str | None = None,
     out: str | Path | None = None,
     split: str = "val",
     batch_size: int = 8,
@@ -31,21 +34,35 @@ def evaluate(
     limit: int = 0,
     device: str = "cpu",
     step: int | None = None,
+    num_fewshot: int | None = None,
+    dtype: str = "fp32",
 ) -> dict:
-    """Same as `lmforge eval`: {"lm": ..., "task": ...} for what was asked, and "files" written."""
-    if data is None and task is None:
-        raise LMForgeError("give --data DATA_DIR|TEXT_FILE (language-model scores), --task FILE.jsonl, or both")
+    """Same as `lmforge eval`: {"lm": ..., "task": ..., "harness": ...} for what was asked, and "files" written."""
+    if data is None and task is None and harness is None:
+        raise LMForgeError(
+            "give --data DATA_DIR|TEXT_FILE (language-model scores), --task FILE.jsonl, --harness TASKS, or several"
+        )
     out = Path(out) if out is not None else Path(run_dir) / "eval"
     results: dict = {"files": []}
     if data is not None:
         results["lm"] = evaluate_text(run_dir, data, split, batch_size, max_batches, device, step)
     if task is not None:
         results["task"] = evaluate_task(run_dir, task, max_new_tokens, batch_size, num_beams, limit, device, step)
+    if harness is not None:
+        try:
+            from lmforge.eval.harness import evaluate_harness
+        except ImportError as exc:
+            raise LMForgeError(
+                f"--harness runs lm-evaluation-harness, which is not installed ({exc}); pip install 'lmforge[eval]'"
+            ) from None
+        results["harness"] = evaluate_harness(run_dir, harness, num_fewshot, limit, batch_size, dtype, device, step)
     out.mkdir(parents=True, exist_ok=True)
     if "lm" in results:
         results["files"] += write_lm_report(results["lm"], out)
     if "task" in results:
         results["files"] += write_task_report(results["task"], out)
+    if "harness" in results:
+        results["files"] += write_harness_report(results["harness"], out)
     return results
 
 
@@ -110,7 +127,15 @@ def write_task_report(result: dict, out: Path) -> list[Path]:
     )
     m = result["metrics"]
     lines = [f"# Task evaluation: {Path(result['task']).name}", "", f"Run `{result['run_dir']}`, "]
-    if result["kind"] == "generation":
+    if result["kind"] == "multiple_choice":
+        lines[-1] += f"{m['examples']} multiple-choice records, each choice scored by its log-likelihood."
+        lines += [
+            "",
+            "| accuracy | accuracy, per character of the choice |",
+            "|---|---|",
+            f"| {m['accuracy']:.4f} | {m['accuracy_norm']:.4f} |",
+        ]
+    elif result["kind"] == "generation":
         lines[-1] += f"{m['examples']} records ({result['format']} format), {result['decoding']} decoding."
         lines += [
             "",
@@ -156,4 +181,33 @@ def write_task_report(result: dict, out: Path) -> list[Path]:
     for note in result.get("notes", []):
         lines += ["", f"Note: {note}"]
     files.append(write_text_atomic(out / "task_eval.md", "\n".join(lines) + "\n"))
+    return files
+
+
+def write_harness_report(result: dict, out: Path) -> list[Path]:
+    summary = {k: v for k, v in result.items() if k != "samples"}
+    files = [write_text_atomic(out / "harness.json", json.dumps(summary, indent=2, default=str) + "\n")]
+    samples = "".join(
+        json.dumps({"task": task, **sample}, default=str) + "\n"
+        for task, task_samples in result["samples"].items()
+        for sample in task_samples
+    )
+    files.append(write_text_atomic(out / "harness_samples.jsonl", samples))
+    lines = [
+        "# lm-evaluation-harness",
+        "",
+        f"Run `{result['run_dir']}` in {result['dtype']}, tasks `{result['tasks']}`.",
+        "",
+        "| task | shots | metric | value | stderr |",
+        "|---|---|---|---|---|",
+    ]
+    for task, metrics in result["results"].items():
+        for key, value in metrics.items():
+            metric, _, flt = key.partition(",")
+            if metric.endswith("_stderr") or not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{flt}")
+            shown = f"{stderr:.4f}" if isinstance(stderr, int | float) else "n/a"
+            lines.append(f"| {task} | {result['n-shot'].get(task, '')} | {metric} | {value:.4f} | {shown} |")
+    files.append(write_text_atomic(out / "harness.md", "\n".join(lines) + "\n"))
     return files

@@ -10,8 +10,14 @@ format, field mapping and template) and
 - for a generating run: greedily (or with beam search) continues each record's prompt until its end marker, and
   scores the texts against the references: BLEU, chrF, ROUGE, exact match, token F1 (eval/metrics.py);
 - for a classification run: takes the head's class probabilities and scores accuracy, precision/recall/F1,
-  ROC-AUC and the confusion matrix.
-Decoding uses `lmforge.generate.generate` with SamplingParams (temperature 0, or num_beams beams).
+  ROC-AUC and the confusion matrix;
+- for multiple-choice records, `{"prompt": ..., "choices": [...], "answer": i}` (any causal run): scores each choice
+  as the continuation of the prompt (nothing is put between them: a choice that needs a leading space has one) by
+  its log-likelihood, and reports accuracy (the highest total log-likelihood is the answer) and accuracy_norm
+  (log-likelihood per character of the choice), as lm-evaluation-harness computes acc and acc_norm.
+Decoding uses `lmforge.generate.generate` with SamplingParams (temperature 0, or num_beams beams); choices are
+scored by `lmforge.generate.continuation_logprobs`, the prefill that also serves the server's echo and the
+lm-evaluation-harness adapter (eval/harness.py), after `encode_pair` splits the text as the harness does.
 """
 
 from __future__ import annotations
@@ -104,16 +110,77 @@ def evaluate_task(
         raise LMForgeError(f"{run_dir} is not a run dir (no config.json)")
     if config.train.objective == "classify":
         return _classification(run_dir, config, Path(path), batch_size, limit, device, step)
-    return _generation(run_dir, Path(path), max_new_tokens, batch_size, num_beams, limit, device, step)
+    records = sft.read_records(path)[: limit or None]
+    if "choices" in records[0].data:
+        return _multiple_choice(run_dir, Path(path), records, batch_size, device, step)
+    return _generation(run_dir, Path(path), records, max_new_tokens, batch_size, num_beams, device, step)
 
 
-def _generation(run_dir, path, max_new_tokens, batch_size, num_beams, limit, device, step) -> dict:
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context and of continuation after it, split as lm-evaluation-harness splits them: spaces that
+    end the context move to the continuation, the two are encoded together (as a sequence's start, so after the
+    beginning-of-sequence token of a model that has one) and the context's own tokens are cut off the front. An
+    empty context is the token documents start after."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        after = tokenizer.encode(continuation)
+        start = tokenizer.document_start
+        return ([start], after) if after[:1] != [start] else (after[:1], after[1:])
+    before = tokenizer.encode_prompt(context)
+    return before, tokenizer.encode_prompt(context + continuation)[len(before) :]
+
+
+def choice_records(records: list[sft.Record]) -> list[tuple[str, list[str], int]]:
+    """(prompt, choices, answer) of each multiple-choice record, or an error naming the first bad one."""
+    items = []
+    for record in records:
+        data = record.data
+        prompt, choices, answer = data.get("prompt"), data.get("choices"), data.get("answer")
+        if not isinstance(prompt, str) or not isinstance(choices, list) or len(choices) < 2:
+            raise LMForgeError(f"{record.where}: a multiple-choice record has a prompt text and two or more choices")
+        if not all(isinstance(c, str) and c for c in choices):
+            raise LMForgeError(f"{record.where}: every choice must be a non-empty text")
+        if not (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices)):
+            raise LMForgeError(f"{record.where}: answer must be the index of the right choice, 0 to {len(choices) - 1}")
+        items.append((prompt, choices, answer))
+    return items
+
+
+def _multiple_choice(run_dir, path, records, batch_size, device, step) -> dict:
+    from lmforge.generate import continuation_logprobs
+
+    lm, config = load_run(run_dir, device, step)
+    if not config.model.causal:
+        raise LMForgeError(f"{run_dir} is an encoder; multiple-choice scoring needs a causal model")
+    items = choice_records(records)
+    pairs = [encode_pair(lm.tokenizer, prompt, choice) for prompt, choices, _ in items for choice in choices]
+    scores = iter(continuation_logprobs(lm.model, lm.tokenizer, pairs, max_batch=batch_size))
+    examples, right, right_norm = [], 0, 0
+    for prompt, choices, answer in items:
+        lls = [next(scores)[0] for _ in choices]
+        best = max(range(len(choices)), key=lambda i: lls[i])  # the first of equal ones, as numpy's argmax
+        best_norm = max(range(len(choices)), key=lambda i: lls[i] / len(choices[i]))
+        right, right_norm = right + (best == answer), right_norm + (best_norm == answer)
+        examples.append({"prompt": prompt, "choices": choices, "answer": answer, "loglikelihoods": lls,
+                         "predicted": best, "predicted_norm": best_norm})  # fmt: skip
+    n = len(items)
+    return {
+        "run_dir": str(run_dir),
+        "task": str(path),
+        "kind": "multiple_choice",
+        "metrics": {"examples": n, "accuracy": right / n, "accuracy_norm": right_norm / n},
+        "examples": examples,
+    }
+
+
+def _generation(run_dir, path, records, max_new_tokens, batch_size, num_beams, device, step) -> dict:
     from lmforge.generate import SamplingParams, generate
 
     lm, config = load_run(run_dir, device, step)
     if not config.model.causal:
         raise LMForgeError(f"{run_dir} is an encoder, which does not generate; fine-tune it with --task classify")
-    records = sft.read_records(path)[: limit or None]
     recipe = sft.Recipe.from_config(config.finetune, records[0])
     tokenizer = lm.tokenizer
     prompts = [recipe.prompt_ids(r, tokenizer) for r in records]

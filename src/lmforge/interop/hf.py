@@ -18,6 +18,14 @@ A tokenizer that puts a beginning-of-sequence token before every text (Llama 2's
 records it in the run dir's tokenizer_config.json (add_bos_token and bos_token, which `Tokenizer.load` reads and
 fine-tuning carries on), so that a model lmforge trained with such a tokenizer, but without that token, keeps
 encoding without it. Export writes both back: the post-processor, and add_bos_token for transformers 4.
+
+An imported tokenizer's own end-of-sequence token (Llama's `</s>`, named by config.json's eos_token_id, the
+generation config or tokenizer_config.json) separates documents and stops generation, as it did for the original
+model; the run dir's tokenizer_config.json names it (eos_token). Only a tokenizer with none gets `<|endoftext|>`
+added, and when the embeddings have no row for it (a real model's embeddings are as many as its tokens) the
+embedding table and the head grow by that row, initialised as the mean of the existing rows, so that the run can
+be fine-tuned, served and exported; a model imported with no token added exports with its original vocabulary size.
+Exports of decoders set padding_side left: batched generation pads before the prompt, not between it and the output.
 """
 
 from __future__ import annotations
@@ -425,8 +433,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
         "dtype": "float32",
         "use_cache": True,
     }
-    bos = lm.tokenizer.bos_token
-    special = {"bos_token": bos or EOT, "eos_token": EOT} | ({"pad_token": PAD} if "pad_token_id" in tokens else {})
+    bos, eos = lm.tokenizer.bos_token, lm.tokenizer.eot_token
+    special = {"bos_token": bos or eos, "eos_token": eos} | ({"pad_token": PAD} if "pad_token_id" in tokens else {})
     generation = dict(tokens)
     chat = {"chat_template": lm.chat_template} if lm.chat_template else {}
     end_of_turn = lm.tokenizer.hf.token_to_id(IM_END)
@@ -445,6 +453,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
                 "model_max_length": c.seq_len,
                 "clean_up_tokenization_spaces": False,  # it would turn " ." into "." in character-level output
                 "add_bos_token": bos is not None,  # what transformers 4 reads for Llama; 5 reads tokenizer.json
+                "padding_side": "left",  # a decoder continues the prompt's last token: padding goes before it
                 **special,
                 **chat,
             },
@@ -463,9 +472,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
 
 
 def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    """bos, eos and pad ids, for config.json files: eos is our end-of-text token, and so is bos (it also starts each
-    document) unless the model has a beginning-of-sequence token of its own."""
-    eot = tokenizer.hf.token_to_id(EOT)
+    """bos, eos and pad ids, for config.json files: eos is the token that separates documents (<|endoftext|>, or an
+    imported tokenizer's own end-of-sequence token), and so is bos (it also starts each document) unless the model
+    has a beginning-of-sequence token of its own."""
+    eot = tokenizer.eot_id
     ids = {"bos_token_id": eot if tokenizer.bos_id is None else tokenizer.bos_id, "eos_token_id": eot}
     pad = tokenizer.hf.token_to_id(PAD)
     return ids | ({"pad_token_id": pad} if pad is not None else {})
@@ -533,12 +543,35 @@ def exported_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> str:
     return hf.to_str()
 
 
-def import_tokenizer(hf_dir: Path, hf_config: dict, vocab_size: int) -> tuple[str, str | None, list[str]]:
-    """tokenizer.json text for the run dir, the token the original tokenizer puts before every text (or None), and
-    notes on what was changed.
+@dataclass
+class ImportedTokenizer:
+    text: str  # tokenizer.json for the run dir
+    bos: str | None  # the token the original tokenizer puts before every text
+    eos: str | None  # its own end-of-sequence token, when it has one and lacks <|endoftext|>
+    notes: list[str]
 
-    Our tokenizer needs an <|endoftext|> token. When the model's tokenizer has none (Llama's ends with </s>),
-    it is added as one more special token after the existing ones: no existing id changes.
+
+def end_of_sequence(hf_dir: Path, hf_config: dict, tokenizer: HFTokenizer) -> str | None:
+    """The original model's end-of-sequence token, as its config.json, generation_config.json or
+    tokenizer_config.json names it (the first of a list: Llama 3 chat models end turns with the others)."""
+    generation = hf_dir / "generation_config.json"
+    for config in (hf_config, read_json(generation) if generation.is_file() else {}):
+        ids = config.get("eos_token_id")
+        for i in ids if isinstance(ids, list) else [ids]:
+            if isinstance(i, int) and tokenizer.id_to_token(i) is not None:
+                return tokenizer.id_to_token(i)
+    path = hf_dir / "tokenizer_config.json"
+    named = read_json(path).get("eos_token") if path.is_file() else None
+    named = named.get("content") if isinstance(named, dict) else named
+    return named if isinstance(named, str) and tokenizer.token_to_id(named) is not None else None
+
+
+def import_tokenizer(hf_dir: Path, hf_config: dict, vocab_size: int) -> ImportedTokenizer:
+    """The run dir's tokenizer and what it keeps of the original's special tokens, with notes on what changed.
+
+    Documents end with the tokenizer's <|endoftext|>, else with the original model's own end-of-sequence token.
+    Only a tokenizer with neither gets <|endoftext|>, added as one more special token after the existing ones: no
+    existing id changes (import_hf then grows the embeddings when the new id has no row).
     """
     path = hf_dir / "tokenizer.json"
     if not path.is_file():
@@ -553,29 +586,39 @@ def import_tokenizer(hf_dir: Path, hf_config: dict, vocab_size: int) -> tuple[st
         raise LMForgeError(f"the tokenizer in {hf_dir} has {size} tokens but the model only {vocab_size} embeddings")
     bos, notes = original_bos(hf_dir, json.loads(text), tokenizer)
     if tokenizer.token_to_id(EOT) is not None:
-        return text, bos, notes
+        return ImportedTokenizer(text, bos, None, notes)
+    eos = end_of_sequence(hf_dir, hf_config, tokenizer)
+    if eos is not None:
+        return ImportedTokenizer(text, bos, eos, notes)
     before = tokenizer.get_vocab(with_added_tokens=True)
     tokenizer.add_special_tokens([EOT])
     assert all(tokenizer.token_to_id(token) == i for token, i in before.items()), "adding a token moved ids"
-    eot = tokenizer.token_to_id(EOT)
-    eos_id = hf_config.get("eos_token_id")
-    eos = tokenizer.id_to_token(eos_id) if isinstance(eos_id, int) else None
-    note = f"the tokenizer had no {EOT}; added it as special token {eot} after the existing ids, which are unchanged"
-    if eot >= vocab_size:
-        note += (
-            f"; it is outside the model's {vocab_size} embeddings, so generation does not stop at the model's own end"
-            f" token {eos!r} by itself" + (" and an empty prompt cannot be used: give a prompt" if bos is None else "")
-        )
-    return tokenizer.to_str(), bos, [note, *notes]
+    note = (
+        f"the tokenizer has no end-of-sequence token; added {EOT} as special token {tokenizer.token_to_id(EOT)} "
+        "after the existing ids, which are unchanged, to end documents and generation"
+    )
+    return ImportedTokenizer(tokenizer.to_str(), bos, None, [note, *notes])
+
+
+def grow_vocabulary(state: dict[str, torch.Tensor], config: ModelConfig, size: int) -> ModelConfig:
+    """Give the embedding table (and an untied head) rows up to size, each the mean of the existing rows: a new
+    token starts where the average token is, and its logit is the mean of the others' logits."""
+    names = ["tok_emb.weight"] + ([] if config.tie_embeddings else ["lm_head.weight"])
+    for name in names:
+        table = state[name]
+        state[name] = torch.cat([table, table.mean(dim=0, keepdim=True).expand(size - len(table), -1)])
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    return replace(config, vocab_size=size)
 
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) -> dict:
     """Turn a local transformers model dir (GPT-2 or Llama family) into a run dir; returns what was written.
 
     The run dir holds config.json (preset "imported"), tokenizer.json, a tokenizer_config.json naming the
-    beginning-of-sequence token if the tokenizer adds one, the chat template if the model has one, and a
-    weights-only checkpoint step_000000, so `LM.load(run_dir)`, `lmforge generate` and evaluation work on
-    it, and fine-tuning can start from it.
+    end-of-sequence token the documents end with and the beginning-of-sequence token if the tokenizer adds one,
+    the chat template if the model has one, and a weights-only checkpoint step_000000, so `LM.load(run_dir)`,
+    `lmforge generate` and evaluation work on it, and fine-tuning can start from it.
     """
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if not (hf_dir / "config.json").is_file():
@@ -587,16 +630,29 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, overwrite: bool = False) 
     if ModelConfig(**{**fields, "n_inner": 0}).mlp_hidden == model_config.mlp_hidden:
         model_config = replace(model_config, n_inner=0)  # the default derivation gives the same width: keep it implicit
     state = from_hf_tensors(read_tensors(hf_dir), family, model_config)
-    tokenizer_text, bos, notes = import_tokenizer(hf_dir, hf_config, model_config.vocab_size)
+    imported = import_tokenizer(hf_dir, hf_config, model_config.vocab_size)
+    notes = list(imported.notes)
+    size = HFTokenizer.from_str(imported.text).get_vocab_size(with_added_tokens=True)
+    if size > model_config.vocab_size:  # the added <|endoftext|> has no embedding yet
+        notes.append(
+            f"the model had {model_config.vocab_size} embeddings, as many as the tokenizer's tokens; grew the "
+            f"embeddings{'' if model_config.tie_embeddings else ' and the output head'} to {size} rows, the new one "
+            "the mean of the others"
+        )
+        model_config = grow_vocabulary(state, model_config, size)
     chat_template = load_chat_template(hf_dir)
     model = GPT(model_config)
     model.load_state_dict(state, strict=True)
     tmp = prepare_out(run_dir, overwrite)
     try:
         RunConfig(model=model_config, preset="imported").save(tmp / "config.json")
-        (tmp / "tokenizer.json").write_text(tokenizer_text, encoding="utf-8")
-        if bos is not None:  # prompts start with it, as the original tokenizer starts every text
-            write_json(tmp / "tokenizer_config.json", {"add_bos_token": True, "bos_token": bos})
+        (tmp / "tokenizer.json").write_text(imported.text, encoding="utf-8")
+        # Tokenizer.load reads these: the document separator, and the token prompts start with, as the original's do
+        tokenizer_config = {"eos_token": imported.eos} if imported.eos is not None else {}
+        if imported.bos is not None:
+            tokenizer_config |= {"add_bos_token": True, "bos_token": imported.bos}
+        if tokenizer_config:
+            write_json(tmp / "tokenizer_config.json", tokenizer_config)
         if chat_template:
             (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
         checkpoint.save(tmp, 0, model, None, {"imported_from": str(hf_dir.resolve()), "tokens": 0}, keep_last=1)

@@ -219,9 +219,14 @@ def create_app(lm, settings: ServeSettings | None = None) -> FastAPI:
         if req.n < 1 or req.n * prompts > settings.max_batch:
             raise APIError(400, f"n x prompts must be between 1 and {settings.max_batch}, not {req.n * prompts}", "n")
 
-    def budget(requested: int | None, prompt_tokens: int, default: int | None) -> int:
+    def budget(requested: int | None, prompt_tokens: int, default: int | None, echo: bool = False) -> int:
         if prompt_tokens < 1:
             raise APIError(400, "the prompt is empty; give some text", "prompt")
+        if echo and requested == 0:  # score the prompt only: its last token is predicted, never read
+            if prompt_tokens > context + 1:
+                message = f"the prompt has {prompt_tokens} tokens; with a context of {context} the most scored is "
+                raise APIError(400, message + f"{context + 1}", "prompt")
+            return 0
         room = context - prompt_tokens
         if room < 1:
             raise APIError(
@@ -233,7 +238,8 @@ def create_app(lm, settings: ServeSettings | None = None) -> FastAPI:
         if requested is None:
             return min(default or room, room, cap)
         if requested < 1 or requested > cap:
-            raise APIError(400, f"max_tokens must be between 1 and {cap}, not {requested}", "max_tokens")
+            least = "0 (with echo) or 1" if echo else "1"
+            raise APIError(400, f"max_tokens must be between {least} and {cap}, not {requested}", "max_tokens")
         if requested > room:
             raise APIError(
                 400,
@@ -258,6 +264,7 @@ def create_app(lm, settings: ServeSettings | None = None) -> FastAPI:
                 stop=req.stop or (),
                 stop_token_ids=() if req.ignore_eos else stops,
                 logprobs=logprobs,
+                echo=getattr(req, "echo", False),
             )
         except LMForgeError as exc:
             raise APIError(400, str(exc)) from None
@@ -265,7 +272,7 @@ def create_app(lm, settings: ServeSettings | None = None) -> FastAPI:
     def sequences(req, prompts: list[list[int]], default: int | None, stops, logprobs) -> list[Sequence]:
         out = []
         for prompt in prompts:
-            max_new = budget(req.max_tokens, len(prompt), default)
+            max_new = budget(req.max_tokens, len(prompt), default, getattr(req, "echo", False))
             for i in range(req.n):
                 try:
                     out.append(engine.sequence(prompt, sampling(req, max_new, stops, i, logprobs)))
@@ -385,6 +392,15 @@ def create_app(lm, settings: ServeSettings | None = None) -> FastAPI:
         job = submit(sequences(req, prompts, 16, (lm.tokenizer.eot_id,), logprobs), req.stream)
         rid = f"cmpl-{uuid.uuid4().hex}"
 
+        # echo: the prompt as given (a text, or the text its token ids spell) comes before each choice's output
+        echoes = [p if isinstance(p, str) else lm.tokenizer.decode(p) for p in items for _ in range(req.n)]
+
+        def output(index: int, chunk: Chunk, offset: int, echo: Completion | None) -> tuple[str, dict | None]:
+            """A choice's text and log-probs; with echo (its Completion, on its first chunk), the prompt's first."""
+            if echo is None:
+                return chunk.text, completion_logprobs(chunk, token_text, offset)
+            return echoes[index] + chunk.text, completion_logprobs(chunk, token_text, 0, echo)
+
         def frame(choices: list[dict], **extra) -> dict:
             created = int(time.time())
             return {
@@ -398,13 +414,15 @@ def create_app(lm, settings: ServeSettings | None = None) -> FastAPI:
 
         if req.stream:
             offsets = [0] * len(job.sequences)
+            echoed = [not req.echo] * len(job.sequences)
 
             def payload(index: int, chunk: Chunk) -> dict:
-                lp = completion_logprobs(chunk, token_text, offsets[index])
-                offsets[index] += len(chunk.text)
-                return frame(
-                    [{"index": index, "text": chunk.text, "logprobs": lp, "finish_reason": chunk.finish_reason}]
-                )
+                echo = None
+                if not echoed[index]:  # the pass that made this first chunk has scored the prompt
+                    echo, echoed[index] = job.sequences[index].completion(), True
+                text, lp = output(index, chunk, offsets[index], echo)
+                offsets[index] += len(text)
+                return frame([{"index": index, "text": text, "logprobs": lp, "finish_reason": chunk.finish_reason}])
 
             def tail() -> list[dict]:
                 if not (req.stream_options and req.stream_options.include_usage):
@@ -415,15 +433,10 @@ def create_app(lm, settings: ServeSettings | None = None) -> FastAPI:
         done = await finish(job, request)
         if done is None:
             return JSONResponse({}, status_code=499)
-        choices = [
-            {
-                "index": i,
-                "text": c.text,
-                "logprobs": completion_logprobs(whole(c), token_text, 0),
-                "finish_reason": c.finish_reason,
-            }
-            for i, c in enumerate(done)
-        ]
+        choices = []
+        for i, c in enumerate(done):
+            text, lp = output(i, whole(c), 0, c if req.echo else None)
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
         return frame(choices, usage=totals(done, req.n))
 
     @app.post("/v1/chat/completions")

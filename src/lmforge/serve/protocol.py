@@ -2,8 +2,12 @@
 JSON of responses, stream chunks and log-probs.
 
 Fields lmforge does not implement are refused when set to anything but their neutral value, rather than
-silently ignored. top_k, min_p, repetition_penalty and ignore_eos are accepted as extensions (as other
-OpenAI-compatible servers do; the openai client sends them with extra_body).
+silently ignored. `echo` on completions returns the prompt before the output and, with `logprobs`, its tokens'
+log-probs in front of the generated ones, the first token's null as OpenAI sent it; `max_tokens: 0` with echo
+scores the prompt and generates nothing (how lm-evaluation-harness and other clients score text).
+
+top_k, min_p, repetition_penalty and ignore_eos are accepted as extensions (as other OpenAI-compatible servers do;
+the openai client sends them with extra_body).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.generate import Chunk
+from lmforge.generate import Chunk, Completion
 
 
 class APIError(Exception):
@@ -91,7 +95,6 @@ class ChatRequest(SamplingFields):
 def refuse_unsupported(request: SamplingFields) -> None:
     unsupported = [
         ("logit_bias", bool(request.logit_bias)),
-        ("echo", getattr(request, "echo", False)),
         ("best_of", getattr(request, "best_of", None) not in (None, 1)),
         ("suffix", getattr(request, "suffix", None) is not None),
         ("tools", bool(getattr(request, "tools", None))),
@@ -132,6 +135,13 @@ class TokenText:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.cache: dict[int, tuple[str, list[int]]] = {}
+        self.special = frozenset(tokenizer.special_ids)
+
+    def width(self, token_id: int) -> int:
+        """Characters the token adds to a response's text: none for a special token (decoding leaves those out) or
+        a byte-level piece of a character."""
+        text = self(token_id)[0]
+        return 0 if token_id in self.special or text.startswith("bytes:") else len(text)
 
     def __call__(self, token_id: int) -> tuple[str, list[int]]:
         if token_id not in self.cache:
@@ -150,19 +160,27 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else -9999.0  # JSON has no -Infinity
 
 
-def completion_logprobs(chunk: Chunk, token_text: TokenText, offset: int) -> dict | None:
-    """The legacy completions format: parallel lists of tokens, their log-probs, top alternatives, offsets."""
+def completion_logprobs(
+    chunk: Chunk, token_text: TokenText, offset: int, echo: Completion | None = None
+) -> dict | None:
+    """The legacy completions format: parallel lists of tokens, their log-probs, top alternatives, offsets. With
+    echo (the sequence's Completion), the prompt's tokens come first; nothing predicts the first one, so its
+    log-prob and alternatives are null."""
     if chunk.logprobs is None:
         return None
-    tokens = [token_text(t)[0] for t in chunk.token_ids]
+    ids, logprobs, tops = list(chunk.token_ids), list(chunk.logprobs), list(chunk.top_logprobs)
+    if echo is not None:
+        ids = echo.prompt_ids + ids
+        logprobs = echo.prompt_logprobs + logprobs
+        tops = [None, *echo.prompt_top_logprobs[1:], *tops]
     offsets = []
-    for token in tokens:
+    for token in ids:
         offsets.append(offset)
-        offset += 0 if token.startswith("bytes:") else len(token)
+        offset += token_text.width(token)
     return {
-        "tokens": tokens,
-        "token_logprobs": [_finite(lp) for lp in chunk.logprobs],
-        "top_logprobs": [{token_text(t)[0]: _finite(lp) for t, lp in top} for top in chunk.top_logprobs],
+        "tokens": [token_text(t)[0] for t in ids],
+        "token_logprobs": [None if lp is None else _finite(lp) for lp in logprobs],
+        "top_logprobs": [None if top is None else {token_text(t)[0]: _finite(lp) for t, lp in top} for top in tops],
         "text_offset": offsets,
     }
 
