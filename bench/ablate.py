@@ -53,6 +53,7 @@ VARIANTS: dict[str, dict] = {
     "muon2e-3": {"optim.name": "muon", "optim.lr": 2e-3},
     "muon5e-3": {"optim.name": "muon", "optim.lr": 5e-3},
     "muon2e-2": {"optim.name": "muon", "optim.lr": 2e-2},
+    "wd0.3": {"optim.weight_decay": 0.3},
     "drop0.1": {"model.dropout": 0.1},
     "drop0.2": {"model.dropout": 0.2},
     # optimizer, learning rate, schedule, warmup
@@ -138,18 +139,25 @@ PATCHES = {"zeroinit": patch_zeroinit, "softcap": patch_softcap}
 
 
 def default_recipe(data: Path, budget: float) -> dict:
-    """What `lmforge train --time BUDGET` would choose on this machine for this data dir, as overrides."""
+    """What `lmforge train --time BUDGET` would choose on this machine for this data dir, as overrides. Kept in
+    the work folder (default-BUDGET.json) the first time, so every run of one ablation has the same default even
+    when the rule changes meanwhile: delete the file to take the current rule's choice."""
     import torch
 
     from lmforge import hardware, presets
     from lmforge.data.tokenizer import Tokenizer
 
+    kept = Path(data).parent / f"default-{budget:g}.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())
     cpu = torch.device("cpu")
     precision = hardware.auto_precision(cpu)
     vocab_size = Tokenizer.load(Path(data) / "tokenizer.json").vocab_size
     rule, _ = presets.for_time_budget(budget, hardware.speed(cpu).peak(precision), "cpu", vocab_size,
                                       hardware.memory_bytes(cpu), precision)  # fmt: skip
-    return {**rule, "train.eval_interval": 0.0}
+    recipe = {**rule, "train.eval_interval": 0.0}
+    kept.write_text(json.dumps(recipe, indent=1))
+    return recipe
 
 
 def resolve(name: str, base: str, data: Path | None = None, budget: float = 0.0) -> tuple[dict, list[str]]:

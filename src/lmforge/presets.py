@@ -219,17 +219,17 @@ BUDGET = "budget"  # the preset name of a run sized by for_time_budget
 
 # The time-budget rule (for_time_budget). Each constant is fitted on the measurements in docs/benchmarks.md
 # ("The time-budget recipe"); change them together with that section.
-BUDGET_UTILIZATION = {"cpu": 0.2, "cuda": 0.4}  # the share of the probed matmul peak a step reaches at these sizes
-BUDGET_TOKENS_PER_PARAM = 20.0  # training tokens per non-embedding parameter the depth is chosen for
-BUDGET_STEPS = 3000  # the batch is chosen so the budget takes about this many steps
+BUDGET_UTILIZATION = {"cpu": 0.15, "cuda": 0.4}  # the share of the probed matmul peak a step reaches at these sizes
+BUDGET_TOKENS_PER_PARAM = 3.0  # training tokens per non-embedding parameter the depth is chosen for
+BUDGET_STEPS = 2000  # the batch is chosen so the budget takes about this many steps
 BUDGET_MAX_DEPTH = 48
 BUDGET_MEMORY_SHARE = 0.5  # of the machine's memory, for weights, optimizer state and activations
 
 
 def budget_shape(depth: int, vocab_size: int) -> dict:
     """The model for_time_budget trains at a depth: from_depth's width (64 per layer, heads of 64), GPT-2's
-    layout, and a context of 32 tokens per layer (a power of two in 64..1024)."""
-    seq_len = 2 ** min(10, max(6, round(math.log2(32 * depth))))
+    layout, and a context of 24 tokens per layer (a power of two in 64..1024)."""
+    seq_len = 2 ** min(10, max(6, round(math.log2(24 * depth))))
     return {
         "model.n_layer": depth,
         "model.n_embd": HEAD_SIZE * depth,
