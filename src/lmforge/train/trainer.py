@@ -123,10 +123,13 @@ def requested_overrides(config_file: str | None, overrides: dict[str, Any], dept
     return requested
 
 
-def resolve_precision(config: RunConfig, device) -> RunConfig:
-    """A new run's precision auto, made what the hardware probe chose here: config.json records it, so a resume
-    trains in the same precision even where a probe taken then (say, under load) would choose otherwise."""
-    if config.train.precision != "auto":
+def resolve_precision(config: RunConfig, device, resuming: bool) -> RunConfig:
+    """A new run's precision auto, made what the hardware probe chose here at the run's thread count: config.json
+    records it, so a resume trains in the same precision even where a probe taken then (say, under load) would
+    choose otherwise. Sets the run's thread count (the probe is per thread count)."""
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    if resuming or config.train.precision != "auto":
         return config
     return apply_overrides(config, {"train.precision": hardware.auto_precision(device)})
 
@@ -230,10 +233,7 @@ def train(
     info, device = dist.setup(config.train.device)
     try:
         with torch_settings_restored():
-            if config.train.threads:  # the probe behind the budget is per thread count
-                torch.set_num_threads(config.train.threads)
-            if not resuming:
-                config = resolve_precision(config, device)
+            config = resolve_precision(config, device, resuming)
             if config.preset == presets.BUDGET and not resuming:
                 requested = requested_overrides(config_file, dict(overrides or {}), depth)
                 config = size_for_budget(config, requested, device, info.world_size, echo)
@@ -278,10 +278,9 @@ def finetune(
     out = Path(out)
     config, resuming = resolve_finetune_config(base, data, out, task, config_file, dict(overrides or {}))
     info, device = dist.setup(config.train.device)
-    if not resuming:
-        config = resolve_precision(config, device)
     try:
         with torch_settings_restored(), locked(out, info, "lmforge finetune"):
+            config = resolve_precision(config, device, resuming)
             return _train(out, config, resuming, info, device, progress_bar, echo)
     finally:
         dist.teardown(info)
