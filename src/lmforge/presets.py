@@ -180,6 +180,11 @@ TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal data size
 TARGET_STEPS = 4000  # the batch is chosen so a compute-optimal run takes about this many steps
 
 
+def adamw_lr(width: int) -> float:
+    """AdamW's learning rate for a width: GPT-2 small's 6e-4 at 768, scaled by sqrt(768 / width)."""
+    return float(f"{6e-4 * math.sqrt(768 / width):.3g}")
+
+
 def from_depth(depth: int) -> dict:
     """Dotted overrides for a GPT of `depth` layers, every other size following from it (nanochat's dial).
 
@@ -202,7 +207,7 @@ def from_depth(depth: int) -> dict:
         "model.n_layer": depth,
         "model.n_embd": width,
         "model.n_head": width // HEAD_SIZE,
-        "optim.lr": float(f"{6e-4 * math.sqrt(768 / width):.3g}"),
+        "optim.lr": adamw_lr(width),
         "optim.warmup_steps": max(10, steps // 25),
         "train.batch_tokens": batch_tokens,
         "train.max_steps": steps,
@@ -265,7 +270,8 @@ def for_time_budget(
 
     if not seconds > 0 or not peak_flops > 0:
         raise LMForgeError(f"a time budget needs a positive time and speed, not {seconds} s at {peak_flops} FLOP/s")
-    compute = seconds * peak_flops * BUDGET_UTILIZATION.get(device_type, BUDGET_UTILIZATION["cpu"])
+    utilization = BUDGET_UTILIZATION.get(device_type, BUDGET_UTILIZATION["cpu"])
+    compute = seconds * peak_flops * utilization
     dtype = "fp32" if precision == "fp32" else "bf16"
 
     def info(depth: int, batch: int = 1):
@@ -299,7 +305,7 @@ def for_time_budget(
         "train.micro_batch_size": micro if micro < batch else 0,
         "train.eval_interval": float(f"{seconds / 10:.3g}"),
         "optim.name": "muon" if muon else "adamw",
-        "optim.lr": 5e-3 if muon else float(f"{6e-4 * math.sqrt(768 / (HEAD_SIZE * depth)):.3g}"),
+        "optim.lr": 5e-3 if muon else adamw_lr(HEAD_SIZE * depth),
         "optim.schedule": "wsd",
         "optim.decay_fraction": 0.4,
         "optim.min_lr_ratio": 0.0,
@@ -308,7 +314,7 @@ def for_time_budget(
     del overrides["model.vocab_size"]
     reasons = [
         f"a {seconds:g} s budget at {peak_flops / 1e12:.3g} TFLOP/s ({precision} matmul peak on {device_type}) "
-        f"x {BUDGET_UTILIZATION.get(device_type, BUDGET_UTILIZATION['cpu']):g} utilization = {compute / 1e12:.3g} "
+        f"x {utilization:g} utilization = {compute / 1e12:.3g} "
         "TFLOP to spend",
         f"depth {depth}: {depth} layers x {HEAD_SIZE * depth} wide, {depth} head(s) of {HEAD_SIZE}, context "
         f"{seq_len}, GPT-2 layout; {sized.non_embedding_params / 1e6:.3g}M non-embedding parameters, "
